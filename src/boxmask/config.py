@@ -1,0 +1,264 @@
+"""Typed configuration: dataclasses, YAML recipes and dotted ``key=value`` overrides.
+
+A recipe is a YAML file whose top-level keys mirror :class:`Config` (``data``, ``model``,
+``supervision``, ``solver``, ``trainer``). Unknown keys are errors, so a typo never passes
+silently. Packaged recipes (``src/boxmask/configs/*.yaml``) can be named without a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is malformed (unknown key, wrong type, missing file)."""
+
+
+@dataclass
+class DataConfig:
+    """Datasets and augmentation (sizes in pixels)."""
+
+    train_json: str = ""
+    train_images: str = ""
+    val_json: str = ""
+    val_images: str = ""
+    #: "sample" uses the bundled DSB2018 subset for both splits (paths above are ignored).
+    builtin: str = ""
+    min_sizes: list[int] = field(default_factory=lambda: [640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    test_min_size: int = 800
+    test_max_size: int = 1333
+    flip_prob: float = 0.5
+    size_divisibility: int = 32
+    #: images per device per step
+    batch_size: int = 2
+    num_workers: int = 2
+    check_images: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """CondInst = backbone ► FPN P3–P7 ► FCOS head + mask branch + dynamic mask head (methods.md §1)."""
+
+    backbone: str = "resnet50"
+    #: "imagenet", a local file path, or "none" (random init).
+    backbone_weights: str = "imagenet"
+    freeze_at: int = 2
+    fpn_channels: int = 256
+    head_convs: int = 4
+    prior_prob: float = 0.01
+    center_sampling_radius: float = 1.5
+    #: upper bounds of max(l,t,r,b) per level P3..P6 (P7 unbounded), pixels
+    size_of_interest: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    mask_branch_channels: int = 128
+    mask_branch_convs: int = 4
+    #: C_mask: 16 for BoxInst, 8 for CondInst
+    mask_channels: int = 16
+    dynamic_channels: int = 8
+    dynamic_layers: int = 3
+    #: BoxInst: top-k positives per image used for the mask losses (-1 = off)
+    topk_proposals_per_image: int = 64
+    #: CondInst: random positives per device (-1 = off)
+    max_proposals: int = -1
+    score_threshold: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_threshold: float = 0.6
+    max_detections: int = 100
+    mask_threshold: float = 0.5
+
+
+@dataclass
+class SupervisionConfig:
+    """Which mask supervision trains the mask head (methods.md §2)."""
+
+    #: "boxinst" (box labels only)
+    type: str = "boxinst"
+    pairwise_dilation: int = 2
+    color_threshold: float = 0.3
+    pairwise_warmup_iters: int = 10000
+    #: original-image rows ignored at the bottom (COCO artefact); 0 for non-COCO data
+    bottom_pixels_removed: int = 10
+    projection_weight: float = 1.0
+    pairwise_weight: float = 1.0
+
+
+@dataclass
+class SolverConfig:
+    """Optimiser and iteration-based LR schedule (methods.md §1.8)."""
+
+    optimizer: str = "sgd"
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_iters: int = 90000
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    #: max global gradient norm; 0 disables clipping
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning trainer, checkpoints, logging and evaluation."""
+
+    output_dir: str = "runs/boxinst"
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    #: "auto" = bf16-mixed on CUDA, 32-true on CPU
+    precision: str = "auto"
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    seed: int = 0
+    #: evaluate on the val split after training
+    eval_after_train: bool = True
+    eval_max_dets: int = 100
+    progress_bar: bool = True
+    #: torch CPU threads per process (0 = torch default)
+    cpu_threads: int = 0
+
+
+@dataclass
+class Config:
+    """A whole recipe."""
+
+    method: str = "boxinst"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON serialisable)."""
+        return asdict(self)
+
+
+def _merge_into(obj: Any, values: dict, where: str) -> None:
+    names = {f.name: f for f in fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r}; known: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a mapping, got {value!r}")
+            _merge_into(current, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, _coerce(value, current, f"{where}.{key}"))
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(current, list) and not isinstance(value, list):
+        value = [value]
+    if current is not None and not isinstance(current, (list, str)) and not isinstance(value, type(current)):
+        if isinstance(current, (int, float)) and isinstance(value, str):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(current, str) and value is None:
+        return "none"
+    if isinstance(current, str) and not isinstance(value, str):
+        return str(value)
+    return value
+
+
+def packaged_config_names() -> list[str]:
+    """Names of the recipes shipped inside the package (without ``.yaml``)."""
+    root = importlib.resources.files("boxmask") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a packaged recipe. Raises :class:`ConfigError` if neither exists."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    candidate = importlib.resources.files("boxmask") / "configs" / f"{stem}.yaml"
+    if candidate.is_file():
+        return Path(str(candidate))
+    raise ConfigError(
+        f"config {str(name_or_path)!r} is neither a file nor a packaged recipe "
+        f"(packaged: {', '.join(packaged_config_names())})"
+    )
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ``["solver.base_lr=0.02", "data.min_sizes=[512,640]"]`` into a nested dict.
+
+    Values are parsed as YAML scalars/lists. Raises :class:`ConfigError` on a missing ``=``.
+    """
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, a YAML recipe (path, packaged name or dict) and overrides.
+
+    Raises :class:`ConfigError` for unknown keys, unreadable YAML or bad override syntax.
+    """
+    cfg = Config()
+    if source is not None:
+        if isinstance(source, dict):
+            values = source
+            where = "config"
+        else:
+            path = resolve_config_path(source)
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+            where = str(path)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: top level must be a mapping")
+        _merge_into(cfg, values, where)
+    if overrides:
+        _merge_into(cfg, parse_overrides(overrides), "override")
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Cross-field checks. Raises :class:`ConfigError`."""
+    if cfg.supervision.type not in ("boxinst",):
+        raise ConfigError(f"supervision.type {cfg.supervision.type!r} unknown; choose from ['boxinst']")
+    if cfg.solver.optimizer not in ("sgd", "adamw"):
+        raise ConfigError(f"solver.optimizer must be 'sgd' or 'adamw', got {cfg.solver.optimizer!r}")
+    if cfg.solver.max_iters <= 0:
+        raise ConfigError("solver.max_iters must be positive")
+    if cfg.data.batch_size <= 0:
+        raise ConfigError("data.batch_size must be positive")
+    if cfg.data.size_divisibility % 32:
+        raise ConfigError("data.size_divisibility must be a multiple of 32 (P7 has stride 128 on /32 padding via ceil)")
+    if not cfg.data.builtin and not cfg.data.train_json:
+        raise ConfigError("data.train_json is empty and data.builtin is not set")

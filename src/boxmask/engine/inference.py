@@ -1,0 +1,172 @@
+"""Inference over datasets or image files, COCO evaluation of a model, checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import Config, load_config
+from ..data.coco import CocoInstances, read_image_rgb
+from ..data.collate import collate_batch, make_collate
+from ..data.transforms import build_test_transforms
+from ..modeling.condinst import CondInst, build_model
+from .evaluator import boxes_to_masks, detections_to_coco, evaluate_coco
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not a boxmask checkpoint."""
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CondInst, Config, dict]:
+    """Rebuild the model of a boxmask (Lightning) checkpoint.
+
+    Returns ``(model in eval mode on device, config, meta)`` where meta has ``class_names``,
+    ``cat_ids`` and ``global_step``. The backbone is built without pretrained weights (the checkpoint
+    holds them). Raises :class:`CheckpointError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "config" not in hp or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a boxmask checkpoint (no hyper_parameters/config or state_dict)")
+    cfg = load_config(hp["config"])
+    cfg.model.backbone_weights = "none"
+    model = build_model(cfg.model, len(hp["class_names"]))
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    model.to(device).eval()
+    meta = {"class_names": list(hp["class_names"]), "cat_ids": list(hp["cat_ids"]),
+            "global_step": int(ckpt.get("global_step", 0))}
+    return model, cfg, meta
+
+
+def eval_dataset(cfg: Config, ann_file: str | Path, image_dir: str | Path) -> CocoInstances:
+    """A COCO split with the test-time resize of ``cfg`` (no masks loaded: they are read by COCOeval)."""
+    return CocoInstances(ann_file, image_dir, transforms=build_test_transforms(cfg.data.test_min_size, cfg.data.test_max_size),
+                         load_masks=False, check_images=cfg.data.check_images)
+
+
+@torch.no_grad()
+def predict_dataset(model: CondInst, dataset: CocoInstances, cat_ids: list[int], device: str | torch.device = "cpu",
+                    batch_size: int = 1, num_workers: int = 0, progress: bool = True,
+                    size_divisibility: int = 32) -> tuple[list[dict], list[dict]]:
+    """Run the model over a dataset.
+
+    Returns ``(results, boxfill_results)`` in COCO results format (RLE masks at the original image
+    size); ``boxfill_results`` are the same detections with each box filled as its mask.
+    """
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=make_collate(size_divisibility))
+    results, boxfill = [], []
+    for batch in tqdm(loader, desc="inference", disable=not progress, unit="batch"):
+        preds = model.predict(batch.images.to(device), batch.image_sizes, batch.orig_sizes)
+        for image_id, orig, pred in zip(batch.image_ids, batch.orig_sizes, preds):
+            boxes, scores, labels = pred.boxes.cpu(), pred.scores.cpu(), pred.labels.cpu()
+            results += detections_to_coco(image_id, boxes, scores, labels, cat_ids, masks=pred.masks.cpu())
+            boxfill += detections_to_coco(image_id, boxes, scores, labels, cat_ids, masks=boxes_to_masks(boxes, *orig))
+    return results, boxfill
+
+
+def evaluate_model(model: CondInst, cfg: Config, cat_ids: list[int], ann_file: str | Path, image_dir: str | Path,
+                   device: str | torch.device = "cpu", max_dets: int | None = None, progress: bool = True,
+                   output_dir: str | Path | None = None) -> dict:
+    """Mask and box AP of a model on a COCO split, plus the box-filled baseline.
+
+    Returns ``{"model": {"segm": {...}, "bbox": {...}}, "boxfill": {"segm": {...}}}`` on the COCO 0–100
+    scale. With ``output_dir``, writes ``results.json`` and ``results_boxfill.json`` there.
+    """
+    from ..io import atomic_write_json
+
+    dataset = eval_dataset(cfg, ann_file, image_dir)
+    results, boxfill = predict_dataset(model, dataset, cat_ids, device, progress=progress,
+                                       size_divisibility=cfg.data.size_divisibility)
+    max_dets = max_dets or cfg.trainer.eval_max_dets
+    gt = dataset.gt_coco()
+    metrics = {"model": evaluate_coco(gt, results, ("segm", "bbox"), max_dets=max_dets, image_ids=dataset.image_ids),
+               "boxfill": evaluate_coco(gt, boxfill, ("segm",), max_dets=max_dets, image_ids=dataset.image_ids)}
+    if output_dir is not None:
+        out = Path(output_dir)
+        atomic_write_json(out / "results.json", results)
+        atomic_write_json(out / "results_boxfill.json", boxfill)
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand folders (sorted, image suffixes only) and ``.txt`` lists (one path per line) into image
+    paths. Raises FileNotFoundError naming a missing input."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            paths += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such image, folder or list")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such image")
+    return paths
+
+
+@torch.no_grad()
+def predict_images(model: CondInst, cfg: Config, meta: dict, images: list[Path], output_dir: str | Path,
+                   score_threshold: float = 0.3, device: str | torch.device = "cpu", overlays: bool = True,
+                   progress: bool = True) -> Path:
+    """Predict masks for image files; write ``results.json`` (COCO results, RLE masks),
+    ``images.json`` (the COCO ``images`` list: id ↔ file) and, with ``overlays``, one PNG per image
+    under ``overlays/``. Detections below ``score_threshold`` are dropped. Returns the results path.
+    Unreadable images raise :class:`~boxmask.data.coco.DatasetError` naming the file (before any work is done).
+    """
+    from ..io import atomic_write_json
+    from .visualize import draw_instances, save_png
+
+    out = Path(output_dir)
+    transform = build_test_transforms(cfg.data.test_min_size, cfg.data.test_max_size)
+    from torchvision import tv_tensors
+
+    decoded = []
+    for path in images:  # decode everything first: a bad file fails before any output is written
+        decoded.append(read_image_rgb(path))
+    results, image_records = [], []
+    for image_id, (path, image) in enumerate(tqdm(list(zip(images, decoded)), desc="predict", disable=not progress), start=1):
+        h, w = image.shape[-2:]
+        sample = transform({"image": tv_tensors.Image(image), "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
+                            "labels": torch.zeros(0, dtype=torch.int64), "ann_ids": torch.zeros(0, dtype=torch.int64),
+                            "image_id": image_id, "orig_size": (h, w)})
+        batch = collate_batch([sample], cfg.data.size_divisibility)
+        pred = model.predict(batch.images.to(device), batch.image_sizes, batch.orig_sizes)[0]
+        keep = pred.scores >= score_threshold
+        boxes, scores, labels, masks = pred.boxes[keep].cpu(), pred.scores[keep].cpu(), pred.labels[keep].cpu(), pred.masks[keep].cpu()
+        results += detections_to_coco(image_id, boxes, scores, labels, meta["cat_ids"], masks=masks)
+        image_records.append({"id": image_id, "file_name": str(path), "height": h, "width": w})
+        if overlays:
+            drawn = draw_instances(image, masks, boxes, labels, scores, meta["class_names"])
+            save_png(out / "overlays" / f"{path.stem}.png", drawn)
+    atomic_write_json(out / "images.json", image_records)
+    atomic_write_json(out / "results.json", results)
+    return out / "results.json"
+
+
+def dump_metrics_line(path: str | Path, record: dict) -> None:
+    """Append one JSON line to ``path`` (creating folders)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,154 @@
+"""Lightning glue: the training module, deterministic step-indexed sampling, optimiser and schedule.
+
+Source for the schedule: detectron2 ``WarmupMultiStepLR`` semantics (methods.md §1.8).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+from ..config import Config, SolverConfig, load_config
+from ..data.collate import Batch
+from ..io import atomic_torch_save
+from ..modeling.condinst import build_model
+from ..supervision import build_supervision
+from ..supervision.base import SupervisionInputs
+
+
+def lr_factor(step: int, solver: SolverConfig) -> float:
+    """LR multiplier at 0-based ``step``: linear warm-up from ``warmup_factor`` over ``warmup_iters``,
+    then ×``gamma`` at each of ``steps`` (detectron2 WarmupMultiStepLR)."""
+    factor = solver.gamma ** bisect.bisect_right(sorted(solver.steps), step)
+    if step < solver.warmup_iters:
+        alpha = step / solver.warmup_iters
+        factor *= solver.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW with weight decay ``solver.weight_decay_norm`` on normalisation layers.
+
+    Raises ValueError for an unknown optimiser name.
+    """
+    norm_params, other_params = [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (norm_params if isinstance(module, _NORM_TYPES) else other_params).append(p)
+    groups = [{"params": other_params, "weight_decay": solver.weight_decay},
+              {"params": norm_params, "weight_decay": solver.weight_decay_norm}]
+    if solver.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum)
+    if solver.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=solver.base_lr, betas=tuple(solver.betas))
+    raise ValueError(f"unknown optimizer {solver.optimizer!r}")
+
+
+def supervision_inputs(batch: Batch, with_masks: bool) -> SupervisionInputs:
+    """The supervision's view of a batch; ground-truth masks are included only if ``with_masks``."""
+    masks = has_mask = None
+    if with_masks:
+        masks = [t["masks"] for t in batch.targets]
+        has_mask = [t.get("has_mask", torch.ones(len(t["labels"]), dtype=torch.bool)) for t in batch.targets]
+    return SupervisionInputs(images=batch.images, image_sizes=batch.image_sizes, orig_sizes=batch.orig_sizes,
+                             boxes=[t["boxes"] for t in batch.targets], labels=[t["labels"] for t in batch.targets],
+                             masks=masks, has_mask=has_mask)
+
+
+class BoxMaskModule(L.LightningModule):
+    """Trains a model with its supervision. Hyper-parameters (saved in checkpoints): the recipe as a
+    dict, the class names and the COCO category id of each contiguous label."""
+
+    def __init__(self, config: dict, class_names: list[str], cat_ids: list[int]):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg: Config = load_config(config)
+        self.model = build_model(self.cfg.model, len(class_names))
+        self.supervision = build_supervision(self.cfg.supervision)
+
+    def training_step(self, batch: Batch, batch_idx: int):
+        inputs = supervision_inputs(batch, self.supervision.uses_gt_masks)
+        losses = self.model.training_losses(batch.images, inputs, self.supervision, int(self.global_step))
+        total = sum(losses.values())
+        bs = batch.images.shape[0]
+        self.log_dict({k: v.detach() for k, v in losses.items()}, on_step=True, batch_size=bs)
+        self.log("loss", total.detach(), on_step=True, prog_bar=True, batch_size=bs)
+        return total
+
+    def configure_optimizers(self):
+        solver = self.cfg.solver
+        opt = build_optimizer(self.model, solver)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, solver))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so item ``(index, seed)`` runs its random transforms under ``seed``:
+    augmentations then depend only on the step, which makes ``--resume`` continue exactly."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class StepBatchSampler(Sampler):
+    """Batches for optimisation steps ``[start_step, max_iters)``, a pure function of the step.
+
+    Step ``s`` on process ``rank`` of ``world_size`` takes samples ``g = (s*world_size + rank)*batch_size + j``
+    of an endless stream of per-epoch permutations (seeded by ``seed + epoch``). Yields lists of
+    ``(dataset index, sample seed)`` for :class:`SeededDataset`.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, max_iters: int, start_step: int = 0, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if dataset_len <= 0:
+            raise ValueError("the training set is empty")
+        self.n, self.bs, self.max_iters, self.start = dataset_len, batch_size, max_iters, start_step
+        self.seed, self.rank, self.world = seed, rank, world_size
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.max_iters):
+            batch = []
+            for j in range(self.bs):
+                g = (step * self.world + self.rank) * self.bs + j
+                batch.append((self._perm(g // self.n)[g % self.n], (self.seed * 1_000_003 + g) % (2**31)))
+            yield batch
+
+    def __len__(self) -> int:
+        return max(self.max_iters - self.start, 0)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes to a temporary file and renames it into place, so an
+    interrupted save never leaves a truncated checkpoint."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        atomic_torch_save(checkpoint, path)

@@ -1,0 +1,18 @@
+"""Mask supervisions: the losses that train the mask head (box-only or with real masks)."""
+
+from __future__ import annotations
+
+from ..config import SupervisionConfig
+from .base import MaskInstances, MaskSupervision, SupervisionInputs
+
+
+def build_supervision(cfg: SupervisionConfig) -> MaskSupervision:
+    """The supervision named by ``cfg.type``. Raises ValueError for an unknown type."""
+    if cfg.type == "boxinst":
+        from .boxinst import BoxInstSupervision
+
+        return BoxInstSupervision(cfg)
+    raise ValueError(f"unknown supervision type {cfg.type!r}")
+
+
+__all__ = ["MaskInstances", "MaskSupervision", "SupervisionInputs", "build_supervision"]

@@ -1,0 +1,66 @@
+"""The seam between a model and its mask supervision.
+
+A supervision receives the per-instance mask logits of the sampled positives and a
+:class:`SupervisionInputs` view of the batch. In box-supervised mode that view is built without
+ground-truth masks (``masks is None``), so a box-supervised loss cannot read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class MaskInstances:
+    """Sampled positive instances of a batch with their mask logits.
+
+    logits: float ``[K,1,h,w]`` mask logits at ``stride`` on the padded-image grid
+        (``h = Hp/stride``, ``w = Wp/stride``).
+    im_inds: int64 ``[K]`` image index in the batch.
+    gt_inds: int64 ``[K]`` index of the assigned GT inside its image.
+    labels: int64 ``[K]`` class of the assigned GT.
+    stride: int, output stride of ``logits`` in pixels (4).
+    """
+
+    logits: Tensor
+    im_inds: Tensor
+    gt_inds: Tensor
+    labels: Tensor
+    stride: int = 4
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+
+@dataclass
+class SupervisionInputs:
+    """What a supervision may see of a batch.
+
+    images: uint8 ``[B,3,Hp,Wp]`` RGB, zero padded (un-normalised).
+    image_sizes / orig_sizes: per image ``(h, w)`` after resize (before padding) / of the file.
+    boxes: per image float ``[N_i,4]`` xyxy in resized pixels; labels: int64 ``[N_i]``.
+    masks: per image bool ``[N_i,h,w]`` or ``None``; always ``None`` for box supervision.
+    has_mask: per image bool ``[N_i]`` or ``None``.
+    """
+
+    images: Tensor
+    image_sizes: list[tuple[int, int]]
+    orig_sizes: list[tuple[int, int]]
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    masks: list[Tensor] | None = None
+    has_mask: list[Tensor] | None = None
+
+
+class MaskSupervision:
+    """Interface: ``losses(instances, inputs, step) -> dict[str, Tensor]`` (fp32 scalars).
+
+    ``uses_gt_masks`` tells the model whether ``SupervisionInputs.masks`` may be filled in.
+    """
+
+    uses_gt_masks: bool = False
+
+    def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,293 @@
+"""BoxInst supervision: box masks at the mask stride, projection loss, pairwise colour loss.
+
+Tian et al., "BoxInst: High-Performance Instance Segmentation with Box Annotations", CVPR 2021;
+details follow the AdelaiDet code as specified in methods.md §2.1, §2.3, §2.4. All functions are pure,
+take per-instance mask logits at stride 4 (CondInst ``MASK_OUT_STRIDE``) and compute in float32 even
+when the logits are bf16/fp16 (float64 logits stay float64, for ``torch.autograd.gradcheck``).
+
+The pairwise loss is the memory hot spot of BoxInst (methods.md §2.6): instead of ``F.unfold``
+copies it loops over the 8 neighbour offsets with aligned slices and uses a hand-written backward,
+so besides its inputs it keeps only a few ``[K, h, w]`` temporaries alive.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..config import SupervisionConfig
+from .base import MaskInstances, MaskSupervision, SupervisionInputs
+from .color import _shift_slices, image_validity_masks, lab_color_similarity, neighbor_offsets
+
+__all__ = [
+    "BoxInstSupervision",
+    "box_masks_at_stride",
+    "pairwise_loss",
+    "pairwise_warmup_factor",
+    "projection_loss",
+]
+
+_DICE_EPS = 1e-5
+
+
+def box_masks_at_stride(boxes: Tensor, padded_hw: tuple[int, int], stride: int = 4) -> Tensor:
+    """Binary box masks point-sampled at the mask stride (methods.md §2.1).
+
+    Definition (AdelaiDet): fill ``M[floor(y1):floor(y2)+1, floor(x1):floor(x2)+1] = 1`` on the
+    ``Hp x Wp`` full-resolution grid (inclusive end, clipped to the grid), then sample
+    ``M[s//2::s, s//2::s]``. Computed in closed form on the sampled grid -- sample ``(i, j)`` sits at
+    pixel ``(s//2 + i s, s//2 + j s)`` and is inside iff ``floor(y1) <= y <= floor(y2)`` and likewise
+    for x -- so no full-resolution mask is built. For coordinates >= 0 this equals the reference's
+    ``int()`` truncation; negative coordinates are treated geometrically (no Python wrap-around).
+
+    Args:
+        boxes: ``[N, 4]`` float ``(x1, y1, x2, y2)`` in pixels of the resized, padded image.
+        padded_hw: ``(Hp, Wp)`` of the padded image, pixels.
+        stride: mask output stride ``s`` in pixels (BoxInst: 4).
+
+    Returns:
+        float32 ``[N, len(range(s//2, Hp, s)), len(range(s//2, Wp, s))]`` (= ``[N, Hp/s, Wp/s]`` when
+        divisible) of 0/1 values, on ``boxes``' device.
+
+    Raises:
+        ValueError: if ``boxes`` is not ``[N, 4]`` or ``stride < 1``.
+    """
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"box_masks_at_stride: boxes must be [N, 4] xyxy, got {tuple(boxes.shape)}")
+    if stride < 1:
+        raise ValueError(f"box_masks_at_stride: stride must be >= 1, got {stride}")
+    hp, wp = (int(v) for v in padded_hw)
+    start = stride // 2
+    # float32 holds pixel indices exactly up to 2**24; fp16/bf16 boxes would not
+    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    ys = torch.arange(start, hp, stride, device=boxes.device, dtype=dtype)
+    xs = torch.arange(start, wp, stride, device=boxes.device, dtype=dtype)
+    lo = boxes.to(dtype).floor()
+    x1, y1, x2, y2 = lo.unbind(dim=1)
+    in_y = (ys[None, :] >= y1[:, None]) & (ys[None, :] <= y2[:, None])
+    in_x = (xs[None, :] >= x1[:, None]) & (xs[None, :] <= x2[:, None])
+    return (in_y[:, :, None] & in_x[:, None, :]).to(torch.float32)
+
+
+def _as_khw(mask_logits: Tensor, name: str) -> Tensor:
+    """``[K, 1, h, w]`` or ``[K, h, w]`` logits -> ``[K, h, w]`` in float32 (float64 kept, for gradcheck)."""
+    if mask_logits.dim() == 4 and mask_logits.shape[1] == 1:
+        mask_logits = mask_logits[:, 0]
+    if mask_logits.dim() != 3:
+        raise ValueError(f"{name}: mask_logits must be [K, 1, h, w] or [K, h, w], got {tuple(mask_logits.shape)}")
+    if mask_logits.dtype != torch.float64:
+        mask_logits = mask_logits.to(torch.float32)
+    return mask_logits
+
+
+def _dice_loss(x: Tensor, target: Tensor) -> Tensor:
+    """Per-row ``1 - 2 sum(x t) / (sum(x^2) + sum(t^2) + 1e-5)``; ``[K, L]`` -> ``[K]``."""
+    inter = (x * target).sum(dim=1)
+    union = (x * x).sum(dim=1) + (target * target).sum(dim=1) + _DICE_EPS
+    return 1.0 - 2.0 * inter / union
+
+
+def projection_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
+    """BoxInst projection (unary) loss: dice between max-projections of mask and box (methods.md §2.3).
+
+    With ``p = sigmoid(logits)``: ``L = mean_k [dice(max_y p_k, max_y B_k) + dice(max_x p_k, max_x B_k)]``
+    where ``dice(u, v) = 1 - 2 sum(uv) / (sum(u^2) + sum(v^2) + 1e-5)`` (BoxInst paper Eq. 2-3;
+    AdelaiDet ``compute_project_term``). Mean over all K instances (per-device positives).
+
+    Args:
+        mask_logits: ``[K, 1, h, w]`` or ``[K, h, w]`` mask logits at stride 4, any float dtype.
+        box_masks: ``[K, h, w]`` box masks of each instance's GT (0/1, :func:`box_masks_at_stride`).
+
+    Returns:
+        float32 scalar (float64 for float64 logits); ``mask_logits.sum() * 0`` when ``K == 0``
+        (stays connected to the graph).
+
+    Raises:
+        ValueError: on shape mismatch.
+    """
+    logits = _as_khw(mask_logits, "projection_loss")
+    if box_masks.shape != logits.shape:
+        raise ValueError(
+            f"projection_loss: box_masks shape {tuple(box_masks.shape)} != mask logits {tuple(logits.shape)}"
+        )
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    probs = logits.sigmoid()
+    target = box_masks.to(logits.dtype)
+    loss_x = _dice_loss(probs.amax(dim=1), target.amax(dim=1))  # projection onto the x axis
+    loss_y = _dice_loss(probs.amax(dim=2), target.amax(dim=2))  # projection onto the y axis
+    return (loss_x + loss_y).mean()
+
+
+def _edge_weights(similarity_k: Tensor, box_masks: Tensor, threshold: float) -> Tensor:
+    """``[S >= tau] * B(centre)`` for one neighbour channel; float32 ``[K, h, w]``."""
+    return (similarity_k >= threshold).to(box_masks.dtype) * box_masks
+
+
+class _PairwiseNLL(torch.autograd.Function):
+    """Weighted mean of ``-log P_same`` over the 8 dilated edges, with an analytic backward.
+
+    ``d(-log P_same)/dz_i = sigmoid(z_i) - sigmoid(z_i + z_j)`` (and symmetrically for ``z_j``), since
+    ``P(both fg | same) = p_i p_j / P_same = sigmoid(z_i + z_j)``. Only the inputs are saved; forward and
+    backward each loop over the offsets, so peak extra memory is a few ``[K, h, w]`` tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, similarity: Tensor, box_masks: Tensor,
+                threshold: float, dilation: int) -> Tensor:
+        _, h, w = logits.shape
+        log_fg = F.logsigmoid(logits)
+        log_bg = F.logsigmoid(-logits)
+        total = logits.new_zeros(())
+        weight_sum = logits.new_zeros(())
+        for k, (dy, dx) in enumerate(neighbor_offsets(dilation)):
+            weights = _edge_weights(similarity[:, k], box_masks, threshold)
+            # edges leaving the map count in the normaliser but have zero loss (reference: log-probs
+            # zero padded, so log P_same = logaddexp(log p_i, log(1 - p_i)) = 0)
+            weight_sum = weight_sum + weights.sum()
+            (cy, cx), (ny, nx) = _shift_slices(dy, dx, h, w)
+            log_same = torch.logaddexp(log_fg[:, cy, cx] + log_fg[:, ny, nx],
+                                       log_bg[:, cy, cx] + log_bg[:, ny, nx])
+            total = total - (log_same * weights[:, cy, cx]).sum()
+        norm = weight_sum.clamp(min=1.0)
+        ctx.save_for_backward(logits, similarity, box_masks, norm)
+        ctx.threshold = threshold
+        ctx.dilation = dilation
+        return total / norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, similarity, box_masks, norm = ctx.saved_tensors
+        _, h, w = logits.shape
+        probs = logits.sigmoid()
+        grad = torch.zeros_like(logits)
+        for k, (dy, dx) in enumerate(neighbor_offsets(ctx.dilation)):
+            (cy, cx), (ny, nx) = _shift_slices(dy, dx, h, w)
+            weights = _edge_weights(similarity[:, k, cy, cx], box_masks[:, cy, cx], ctx.threshold)
+            q_fg = torch.sigmoid(logits[:, cy, cx] + logits[:, ny, nx])
+            grad[:, cy, cx] += weights * (probs[:, cy, cx] - q_fg)
+            grad[:, ny, nx] += weights * (probs[:, ny, nx] - q_fg)
+        grad *= grad_out / norm
+        return grad, None, None, None, None
+
+
+def pairwise_loss(
+    mask_logits: Tensor,
+    similarity: Tensor,
+    box_masks: Tensor,
+    color_threshold: float = 0.3,
+    dilation: int = 2,
+) -> Tensor:
+    """BoxInst pairwise colour-affinity loss (methods.md §2.4; BoxInst paper Eq. 5).
+
+    For each instance k, pixel i and neighbour j (8 offsets of :func:`~boxmask.supervision.color.neighbor_offsets`
+    with ``dilation``): ``P_same = p_i p_j + (1 - p_i)(1 - p_j)``, computed in log space as
+    ``log P_same = logaddexp(logsig(z_i) + logsig(z_j), logsig(-z_i) + logsig(-z_j))``;
+    weights ``w_ij = [S_ij >= tau] * B_k(i)`` (only the centre pixel is gated by the box);
+    ``L = sum w_ij (-log P_same) / max(sum w_ij, 1)`` over all instances and edges. Edges whose
+    neighbour lies outside the map contribute zero loss (as the reference's zero-padded unfold).
+    No ``F.unfold``: the 8 offsets are visited with aligned slices, and the backward is analytic,
+    so no ``[K, 8, h, w]`` intermediate is stored. Gradients flow to ``mask_logits`` only (through both
+    end points of every edge); ``similarity`` and ``box_masks`` are targets. Multiply the result by
+    :func:`pairwise_warmup_factor` during training.
+
+    Args:
+        mask_logits: ``[K, 1, h, w]`` or ``[K, h, w]`` mask logits at stride 4, any float dtype.
+        similarity: ``[K, 8, h, w]`` colour similarity of each instance's image
+            (:func:`~boxmask.supervision.color.lab_color_similarity`, indexed by image), values in [0, 1].
+        box_masks: ``[K, h, w]`` box masks of each instance's GT (0/1, :func:`box_masks_at_stride`).
+        color_threshold: similarity threshold tau (BoxInst: 0.3).
+        dilation: neighbour dilation in stride-4 cells; must match the one used for ``similarity``.
+
+    Returns:
+        float32 scalar (float64 for float64 logits); ``mask_logits.sum() * 0`` when ``K == 0``.
+        Not twice differentiable.
+
+    Raises:
+        ValueError: on shape mismatch or a similarity without 8 channels.
+    """
+    logits = _as_khw(mask_logits, "pairwise_loss")
+    k, h, w = logits.shape
+    if similarity.shape != (k, 8, h, w):
+        raise ValueError(
+            f"pairwise_loss: similarity must be [K, 8, h, w] = {(k, 8, h, w)}, got {tuple(similarity.shape)}"
+        )
+    if box_masks.shape != (k, h, w):
+        raise ValueError(
+            f"pairwise_loss: box_masks must be [K, h, w] = {(k, h, w)}, got {tuple(box_masks.shape)}"
+        )
+    neighbor_offsets(dilation)  # validates dilation before the autograd function runs
+    if k == 0:
+        return logits.sum() * 0.0
+    return _PairwiseNLL.apply(
+        logits,
+        similarity.detach().to(logits.dtype),
+        box_masks.detach().to(logits.dtype),
+        float(color_threshold),
+        dilation,
+    )
+
+
+def pairwise_warmup_factor(step: int, warmup_iters: int) -> float:
+    """Linear warm-up of the pairwise loss weight: ``min(step / warmup_iters, 1)`` (methods.md §2.4).
+
+    BoxInst uses ``warmup_iters = 10000``. AdelaiDet counts forward passes starting at 1 (its first
+    step already has factor 1e-4); pass ``global_step + 1`` to reproduce that.
+
+    Args:
+        step: training iteration (>= 0).
+        warmup_iters: warm-up length in iterations; ``<= 0`` disables warm-up (factor 1.0).
+
+    Returns:
+        float in ``[0, 1]``.
+
+    Raises:
+        ValueError: if ``step < 0``.
+    """
+    if step < 0:
+        raise ValueError(f"pairwise_warmup_factor: step must be >= 0, got {step}")
+    if warmup_iters <= 0:
+        return 1.0
+    return min(step / warmup_iters, 1.0)
+
+
+class BoxInstSupervision(MaskSupervision):
+    """BoxInst mask losses: projection + colour pairwise with linear warm-up (methods.md §2).
+
+    Uses only boxes and the un-normalised image; ``uses_gt_masks`` is False, so the model never
+    hands it ground-truth masks. Colour similarity is computed once per image per step on the
+    training device.
+    """
+
+    uses_gt_masks = False
+
+    def __init__(self, cfg: SupervisionConfig):
+        self.cfg = cfg
+
+    def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        logits = instances.logits.float()
+        if len(instances) == 0:
+            zero = logits.sum() * 0
+            return {"loss_proj": zero, "loss_pairwise": zero}
+        stride = instances.stride
+        padded_hw = tuple(inputs.images.shape[-2:])
+        device = logits.device
+        bottom_rows = [int(cfg.bottom_pixels_removed * h / oh) for (h, _), (oh, _) in zip(inputs.image_sizes, inputs.orig_sizes)]
+        valid = image_validity_masks(inputs.image_sizes, padded_hw, bottom_rows, device)
+        used = torch.unique(instances.im_inds)
+        similarity = torch.zeros(len(inputs.boxes), 8, padded_hw[0] // stride, padded_hw[1] // stride, device=device)
+        similarity[used] = lab_color_similarity(inputs.images[used], valid[used], stride, cfg.pairwise_dilation)
+        counts = torch.tensor([0] + [len(b) for b in inputs.boxes], device=device)
+        offsets = torch.cumsum(counts, 0)[:-1]
+        box_masks = box_masks_at_stride(torch.cat(inputs.boxes).to(device).float(), padded_hw, stride)
+        inst_box_masks = box_masks[offsets[instances.im_inds] + instances.gt_inds]
+        loss_proj = projection_loss(logits, inst_box_masks)
+        loss_pair = pairwise_loss(logits, similarity[instances.im_inds], inst_box_masks,
+                                  cfg.color_threshold, cfg.pairwise_dilation)
+        # AdelaiDet counts iterations from 1
+        warm = pairwise_warmup_factor(step + 1, cfg.pairwise_warmup_iters)
+        return {"loss_proj": cfg.projection_weight * loss_proj, "loss_pairwise": cfg.pairwise_weight * warm * loss_pair}

@@ -1,0 +1,90 @@
+"""The ``boxmask`` command line: train ► eval ► predict on the bundled sample, and clear errors."""
+
+import json
+
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from boxmask.cli import main
+from boxmask.config import ConfigError, load_config
+from boxmask.data.sample import sample_paths
+
+from test_training import TINY
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_train")
+    rc = main(["train", "boxinst_effnet-lite0_fpn_dsb2018-sample", *TINY, f"trainer.output_dir={out}", "solver.max_iters=2",
+               "model.score_threshold=0.0"])
+    assert rc == 0
+    ckpt = out / "checkpoints" / "model_final.ckpt"
+    assert ckpt.is_file() and (out / "config.yaml").is_file() and any((out / "logs" / "csv").glob("version_*/metrics.csv"))
+    return ckpt
+
+
+def test_predict_writes_rle_results_and_overlays(checkpoint, tmp_path, capsys):
+    images = sample_paths()["image_dir"]
+    files = sorted(images.iterdir())[:2]
+    out = tmp_path / "pred"
+    rc = main(["predict", str(checkpoint), str(files[0]), str(files[1]), "-o", str(out), "--score-threshold", "0.0",
+               "--device", "cpu"])
+    assert rc == 0
+    records = json.loads((out / "images.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert [r["file_name"] for r in records] == [str(f) for f in files]
+    assert len(results) > 0, "an untrained model with threshold 0 still returns detections"
+    sizes = {r["id"]: (r["height"], r["width"]) for r in records}
+    for r in results:
+        m = mask_utils.decode(r["segmentation"])
+        assert m.shape == sizes[r["image_id"]]
+        assert r["category_id"] == 1 and 0.0 <= r["score"] <= 1.0
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(f.stem + ".png" for f in files)
+
+
+def test_eval_prints_ap_table(checkpoint, tmp_path, capsys):
+    rc = main(["eval", str(checkpoint), "--output", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| segm |" in text and "| bbox |" in text and "boxes filled" in text
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"model", "boxfill"}
+    assert 0.0 <= metrics["model"]["segm"]["AP"] <= 100.0
+
+
+def test_train_reports_bad_dataset_cleanly(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [{"id": 1, "file_name": "a.png", "wid')
+    rc = main(["train", "boxinst_effnet-lite0_fpn_dsb2018-sample", *TINY, "data.builtin=", f"data.train_json={bad}",
+               f"data.train_images={tmp_path}", f"trainer.output_dir={tmp_path / 'o'}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config("boxinst_effnet-lite0_fpn_dsb2018-sample", ["solver.base_lrr=0.1"])
+    with pytest.raises(ConfigError, match="neither a file nor a packaged recipe"):
+        load_config("no_such_recipe")
+    cfg = load_config("boxinst_effnet-lite0_fpn_dsb2018-sample", ["solver.base_lr=0.02", "data.min_sizes=[320,352]"])
+    assert cfg.solver.base_lr == 0.02 and cfg.data.min_sizes == [320, 352]
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    rc = main(["eval", str(tmp_path / "nope.ckpt")])
+    assert rc == 2
+    assert "nope.ckpt" in capsys.readouterr().err
+
+
+def test_checkpoint_restores_identical_predictions(checkpoint):
+    from boxmask.engine.inference import load_checkpoint
+
+    model, cfg, meta = load_checkpoint(checkpoint)
+    assert meta["class_names"] == ["nucleus"] and meta["cat_ids"] == [1]
+    x = torch.randint(0, 255, (1, 3, 160, 160), dtype=torch.uint8)
+    a = model.predict(x, [(160, 160)], [(160, 160)])[0]
+    model2, _, _ = load_checkpoint(checkpoint)
+    b = model2.predict(x, [(160, 160)], [(160, 160)])[0]
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.masks, b.masks)

@@ -64,10 +64,10 @@ class _StepCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if self.every > 0 and step % self.every == 0 and step < trainer.max_steps:
-            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
 
     def on_train_end(self, trainer, pl_module):
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+        trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
         trainer.save_checkpoint(self.dirpath / "model_final.ckpt", weights_only=False)
 
 

@@ -6,7 +6,7 @@ Source for the schedule: detectron2 ``WarmupMultiStepLR`` semantics (methods.md 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
@@ -117,14 +117,17 @@ class StepBatchSampler(Sampler):
 
     Step ``s`` on process ``rank`` of ``world_size`` takes samples ``g = (s*world_size + rank)*batch_size + j``
     of an endless stream of per-epoch permutations (seeded by ``seed + epoch``). Yields lists of
-    ``(dataset index, sample seed)`` for :class:`SeededDataset`.
+    ``(dataset index, sample seed)`` for :class:`SeededDataset`. ``start_step`` may be a callable
+    (e.g. reading the trainer's global step), evaluated whenever a new iterator starts.
     """
 
-    def __init__(self, dataset_len: int, batch_size: int, max_iters: int, start_step: int = 0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset_len: int, batch_size: int, max_iters: int, start_step: int | Callable[[], int] = 0,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
         if dataset_len <= 0:
             raise ValueError("the training set is empty")
-        self.n, self.bs, self.max_iters, self.start = dataset_len, batch_size, max_iters, start_step
+        self.n, self.bs, self.max_iters = dataset_len, batch_size, max_iters
+        # a callable is read at each new iterator: Lightning may start a fresh epoch after a resume
+        self._start = start_step if callable(start_step) else (lambda: start_step)
         self.seed, self.rank, self.world = seed, rank, world_size
         self._perms: dict[int, list[int]] = {}
 
@@ -133,6 +136,11 @@ class StepBatchSampler(Sampler):
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
         return self._perms[epoch]
+
+    @property
+    def start(self) -> int:
+        """First step the next iterator yields."""
+        return int(self._start())
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start, self.max_iters):

@@ -47,7 +47,7 @@ class _DataModule(L.LightningDataModule):
     def train_dataloader(self):
         trainer = self.trainer
         sampler = StepBatchSampler(len(self.dataset), self.cfg.data.batch_size, self.cfg.solver.max_iters,
-                                   start_step=int(trainer.global_step), seed=self.cfg.trainer.seed,
+                                   start_step=lambda: int(trainer.global_step), seed=self.cfg.trainer.seed,
                                    rank=trainer.global_rank, world_size=trainer.world_size)
         workers = self.cfg.data.num_workers
         return DataLoader(SeededDataset(self.dataset), batch_sampler=sampler, num_workers=workers,

@@ -1,4 +1,4 @@
-"""``boxmask`` command line: train, eval, predict, demo."""
+"""``boxmask`` command line: train, eval, predict, annotate, demo."""
 
 from __future__ import annotations
 
@@ -62,6 +62,27 @@ def cmd_predict(args) -> int:
     path = predict_images(model, cfg, meta, images, args.output, score_threshold=args.score_threshold, device=device,
                           overlays=not args.no_overlays)
     print(f"{len(images)} images ► {path} (overlays in {Path(args.output) / 'overlays'})")
+    return 0
+
+
+def cmd_annotate(args) -> int:
+    from .engine.annotate import annotate_dataset
+    from .engine.inference import load_checkpoint
+
+    device = _device(args.device)
+    model, cfg, meta = load_checkpoint(args.checkpoint, device)
+    summary = annotate_dataset(model, cfg, meta, args.ann_file, args.images, args.output, device=device,
+                               resume=not args.no_resume)
+    reasons = ", ".join(f"{n} {r}" for r, n in summary["box_fallback_reasons"].items()) or "none"
+    print(f"{summary['annotations']} annotations on {summary['images']} images ► {summary['output']}")
+    print(f"  masks from the model: {summary['from_model']}")
+    print(f"  box kept as the mask: {summary['box_fallback']} ({reasons})")
+    if summary["nearest_p3_location"]:
+        print(f"  boxes with no FCOS location inside (nearest P3 location used): {summary['nearest_p3_location']}")
+    if summary["class_agnostic"]:
+        print(f"  boxes of a category the model does not know (class-agnostic): {summary['class_agnostic']}")
+    if summary["resumed_images"]:
+        print(f"  images taken from the interrupted run: {summary['resumed_images']}")
     return 0
 
 
@@ -132,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("annotate", help="masks for the boxes of a COCO JSON ► the same JSON with RLE segmentations")
+    p.add_argument("checkpoint")
+    p.add_argument("--ann-file", required=True, help="COCO instances JSON with the boxes")
+    p.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
+    p.add_argument("--output", "-o", required=True, help="output JSON (resume file beside it: OUTPUT.partial.jsonl)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's progress and start over")
+    p.set_defaults(func=cmd_annotate)
+
     p = sub.add_parser("demo", help="train BoxInst on the bundled nuclei sample, evaluate, write overlays")
     p.add_argument("--output", "-o", default="boxmask-demo")
     p.add_argument("--iterations", type=int, default=0, help="override the number of training steps")
@@ -145,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``boxmask`` console script."""
     from .config import ConfigError
     from .data.coco import DatasetError
+    from .engine.annotate import AnnotateError
     from .engine.inference import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, AnnotateError, FileNotFoundError) as exc:
         print(f"boxmask {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,10 @@ from typing import Any
 import yaml
 
 
+#: supervision type → whether it reads ground-truth masks
+SUPERVISION_TYPES = {"boxinst": False, "full": True, "mixed": True}
+
+
 class ConfigError(ValueError):
     """A recipe or override is malformed (unknown key, wrong type, missing file)."""
 
@@ -77,7 +81,8 @@ class ModelConfig:
 class SupervisionConfig:
     """Which mask supervision trains the mask head (methods.md §2)."""
 
-    #: "boxinst" (box labels only)
+    #: "boxinst" (box labels only), "full" (CondInst dice on real masks), "mixed" (dice where an
+    #: annotation has a mask, BoxInst losses where it has only a box)
     type: str = "boxinst"
     pairwise_dilation: int = 2
     color_threshold: float = 0.3
@@ -250,8 +255,8 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
 
 def validate_config(cfg: Config) -> None:
     """Cross-field checks. Raises :class:`ConfigError`."""
-    if cfg.supervision.type not in ("boxinst",):
-        raise ConfigError(f"supervision.type {cfg.supervision.type!r} unknown; choose from ['boxinst']")
+    if cfg.supervision.type not in SUPERVISION_TYPES:
+        raise ConfigError(f"supervision.type {cfg.supervision.type!r} unknown; choose from {list(SUPERVISION_TYPES)}")
     if cfg.solver.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"solver.optimizer must be 'sgd' or 'adamw', got {cfg.solver.optimizer!r}")
     if cfg.solver.max_iters <= 0:

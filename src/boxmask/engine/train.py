@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from ..config import Config
+from ..config import SUPERVISION_TYPES, Config
 from ..data.coco import CocoInstances
 from ..data.collate import make_collate
 from ..data.transforms import build_train_transforms
@@ -71,6 +71,13 @@ class _StepCheckpoint(L.Callback):
         trainer.save_checkpoint(self.dirpath / "model_final.ckpt", weights_only=False)
 
 
+def trainer_rank_zero() -> bool:
+    """True in the process of global rank 0 (also before the process group exists)."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
 def _precision(cfg: Config) -> str:
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
@@ -95,10 +102,17 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool | None =
         torch.set_num_threads(cfg.trainer.cpu_threads)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     paths = resolve_data_paths(cfg)
+    # a box-supervised recipe never loads masks: they are not even decoded
+    needs_masks = SUPERVISION_TYPES[cfg.supervision.type]
     train_set = CocoInstances(paths["train_json"], paths["train_images"],
                               transforms=build_train_transforms(cfg.data.min_sizes, cfg.data.max_size, cfg.data.flip_prob),
-                              load_masks=False, check_images=cfg.data.check_images)
-    # a box-supervised recipe never loads masks; mask-supervised ones will set load_masks here
+                              load_masks=needs_masks, check_images=cfg.data.check_images)
+    stats = train_set.stats
+    log.info("train set: %d images, %d boxes, %d without a mask", stats.get("images", 0), stats.get("boxes", 0),
+             stats.get("without_mask", 0))
+    if needs_masks and trainer_rank_zero():
+        with_mask = stats.get("boxes", 0) - stats.get("without_mask", 0)
+        print(f"{cfg.supervision.type} supervision: {with_mask} of {stats.get('boxes', 0)} instances have a mask")
     module = BoxMaskModule(cfg.to_dict(), train_set.class_names, train_set.cat_ids)
     ckpt_dir = out / "checkpoints"
     if resume == "last":

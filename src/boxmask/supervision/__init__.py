@@ -12,6 +12,10 @@ def build_supervision(cfg: SupervisionConfig) -> MaskSupervision:
         from .boxinst import BoxInstSupervision
 
         return BoxInstSupervision(cfg)
+    if cfg.type in ("full", "mixed"):
+        from .full import FullMaskSupervision, MixedSupervision
+
+        return FullMaskSupervision(cfg) if cfg.type == "full" else MixedSupervision(cfg)
     raise ValueError(f"unknown supervision type {cfg.type!r}")
 
 

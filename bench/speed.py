@@ -1,0 +1,689 @@
+"""Speed benchmark: BoxInst training-step time split by stage, loss-path time and peak memory against
+a reference-style implementation, and inference throughput.
+
+    python bench/speed.py --configs r50 lite0 --reps 5 --warmup 2 [--device cuda] [--dataset DIR]
+
+For each config (``r50``: ResNet-50-FPN 256 ch at 800x1333; ``lite0``: EfficientNet-Lite0-FPN with
+the head sizes of the packaged recipe ``boxinst_effnet-lite0_fpn_dsb2018-sample`` at 512x512; both
+batch 2, random-initialised backbone -- weights do not change the cost) on a real batch (the first
+images with boxes of ``--dataset``, default ``../shared/data/nuts`` beside the repo or the bundled
+sample, resized to exactly the stated size with their boxes), it measures, as medians over
+``--reps`` repetitions after ``--warmup`` untimed ones (``torch.cuda.synchronize`` around each on GPU):
+
+* ``step_s``: one training step as the trainer runs it: forward (bf16 autocast on CUDA, as the
+  ``auto`` precision; fp32 on CPU), backward, gradient clipping when the recipe sets it, SGD step;
+* the split, each measured on its own with a detached boundary: ``backbone_fpn_s`` (forward +
+  backward of backbone and FPN), ``heads_s`` (FCOS head, FCOS target assignment and losses, mask
+  branch, instance sampling and dynamic mask head, forward + backward), ``loss_path_s`` (the
+  box-supervision losses, below), ``optimizer_s`` (clipping + ``optimizer.step()``); their sum
+  ``split_sum_s`` is close to ``step_s`` but not equal (separate launches, no overlap);
+* ``loss_path_s``: our box-supervision loss path (``BoxInstSupervision.losses``: LAB + colour
+  similarity on the device, box masks, projection loss, pairwise loss; forward + backward to the
+  mask logits) and ``ref_loss_path_s``: the reference-style path of ``bench/reference_losses.py``
+  (scikit-image ``rgb2lab`` per image on the CPU, ``F.unfold`` similarity and pairwise loss), on the
+  same inputs: the mask logits of the sampled instances of one forward pass of the model, the same
+  images, sizes and boxes; plus the per-stage times of both paths (``*_lab_similarity_s``,
+  ``*_projection_s``, ``*_pairwise_s``);
+* ``step_peak_mem_bytes``: bytes allocated by one training step (activations, gradients, temporaries;
+  parameters and momentum buffers already exist), and on CUDA ``step_peak_mem_total_bytes``, the
+  absolute ``max_memory_allocated`` of the step;
+* peak memory (``mem_method``): on CUDA ``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``, minus what was allocated before the measured call; on CPU the
+  allocation/free events of PyTorch's CPU allocator recorded by ``torch.profiler`` with
+  ``profile_memory=True``, summed in event order, the peak of that running sum (bytes allocated
+  inside the call and not yet freed). Both count only PyTorch tensors: the host-side NumPy arrays of
+  the reference's scikit-image conversion are reported separately (``ref_loss_host_numpy_peak_bytes``,
+  ``tracemalloc``), so ``loss_mem_ratio`` is, if anything, in the reference's favour;
+* ``loss_max_rel_diff``: the largest ``|ours - ref| / |ref|`` over the projection and pairwise
+  losses (weights 1, warm-up done), and ``pairwise_grad_max_rel_diff``: ``max|g_ours - g_ref| / max|g_ref|``
+  of the pairwise loss's gradients with respect to the mask logits (the projection loss's gradient is
+  not compared: at exact ties of its max -- aligned-bilinear upsampling replicates the border row and
+  column -- ``amax`` splits the gradient and ``max(dim)`` gives it to one element, both valid);
+* ``infer_img_per_s``: ``model.predict`` on one image at a time in eval mode under ``no_grad``
+  (fp32, as ``boxmask predict``), with the score threshold at 0 so every image yields the
+  ``max_detections`` (100) instances a trained model gives on a crowded image, masks pasted at the
+  stated size.
+
+One JSON line per config is printed and appended to ``bench/results/speed.jsonl`` (``--output``).
+Targets of the issue: ``loss_speedup >= 3``, ``loss_mem_ratio <= 0.5``, ``loss_max_rel_diff <= 1e-4``,
+``loss_fraction < 0.15`` (loss path / step); recorded under ``targets``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.transforms import v2
+
+from boxmask.config import Config, SupervisionConfig, load_config
+from boxmask.data.coco import CocoInstances
+from boxmask.data.collate import Batch, collate_batch
+from boxmask.data.sample import sample_paths
+from boxmask.engine.module import build_optimizer, supervision_inputs
+from boxmask.modeling.condinst import CondInst, build_model
+from boxmask.modeling.fcos import compute_locations, fcos_losses, fcos_targets, flatten_levels
+from boxmask.supervision.base import MaskInstances, SupervisionInputs
+from boxmask.supervision.boxinst import BoxInstSupervision, box_masks_at_stride, pairwise_loss, projection_loss
+from boxmask.supervision.color import image_validity_masks, lab_color_similarity
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_losses import (ref_box_bitmasks, ref_boxinst_losses, ref_color_similarity,  # noqa: E402
+                              ref_image_masks, ref_pairwise_nll, ref_projection_loss)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "bench" / "results" / "speed.jsonl"
+
+#: fields every speed line carries (issue 3), besides the extra ones documented in the module doc
+REQUIRED_FIELDS = ("benchmark", "config", "device", "batch", "image_size", "step_s", "loss_path_s", "ref_loss_path_s",
+                   "loss_speedup", "loss_peak_mem_bytes", "ref_loss_peak_mem_bytes", "loss_mem_ratio",
+                   "loss_max_rel_diff", "infer_img_per_s", "commit", "date")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One benchmark configuration.
+
+    recipe: packaged recipe name or None (library defaults); overrides: dotted ``key=value``
+    overrides applied on top; image_size: ``(H, W)`` pixels every image is resized to; batch: images per step.
+    """
+
+    recipe: str | None
+    overrides: tuple[str, ...]
+    image_size: tuple[int, int]
+    batch: int
+
+
+CONFIGS: dict[str, BenchSpec] = {
+    # library defaults = AdelaiDet BoxInst R-50-FPN: FPN 256, 4+4 head convs, mask branch 128 x 4, C_mask 16
+    "r50": BenchSpec(None, ("data.builtin=sample", "model.backbone=resnet50", "model.backbone_weights=none"),
+                     (800, 1333), 2),
+    "lite0": BenchSpec("boxinst_effnet-lite0_fpn_dsb2018-sample", ("model.backbone_weights=none",), (512, 512), 2),
+}
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def git_commit() -> str:
+    """Short commit of the repository, with ``-dirty`` when tracked files have uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def device_description(device: torch.device) -> str:
+    """GPU name for CUDA, else ``"CPU <model> (<n> threads)"`` with torch's intra-op thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``.
+
+    Raises ValueError for a CUDA device on a machine without CUDA.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"512"`` → ``(512, 512)``; ``"800x1333"`` → ``(800, 1333)`` (height x width, pixels).
+
+    Raises ValueError for anything else or non-positive sizes.
+    """
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"image size {text!r}: expected H or HxW in pixels") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) <= 0:
+        raise ValueError(f"image size {text!r}: expected H or HxW with positive integers")
+    return values[0], values[1]
+
+
+# ---------------------------------------------------------------------------------------------- data
+def default_dataset() -> str:
+    """``../shared/data/nuts`` beside the repository when present, else ``"sample"`` (bundled DSB2018)."""
+    nuts = ROOT.parent / "shared" / "data" / "nuts"
+    return str(nuts) if (nuts / "annotations" / "instances_train.json").is_file() else "sample"
+
+
+def load_batch(dataset: str, image_size: tuple[int, int], batch_size: int,
+               size_divisibility: int = 32) -> tuple[Batch, int, str]:
+    """The first ``batch_size`` train images that have boxes, resized to exactly ``image_size``.
+
+    Args:
+        dataset: ``"sample"`` (bundled DSB2018 subset) or a folder with ``images/`` and
+            ``annotations/instances_train.json``.
+        image_size: ``(H, W)`` pixels; aspect ratio is not kept (the benchmark states the size).
+        batch_size: images in the batch.
+        size_divisibility: padding multiple (32).
+
+    Returns:
+        ``(batch, num_classes, dataset_name)``; the batch is on the CPU, ``orig_sizes`` are the file sizes.
+
+    Raises:
+        FileNotFoundError: the folder lacks the JSON; ValueError: fewer than ``batch_size`` images with boxes.
+    """
+    if dataset == "sample":
+        paths = sample_paths()
+        ann, images, name = paths["train_json"], paths["image_dir"], "dsb2018-sample"
+    else:
+        root = Path(dataset)
+        ann, images, name = root / "annotations" / "instances_train.json", root / "images", root.name
+        if not ann.is_file():
+            raise FileNotFoundError(f"--dataset {dataset}: {ann} not found (need images/ and annotations/instances_train.json)")
+    ds = CocoInstances(ann, images, transforms=v2.Resize(image_size, antialias=True), load_masks=False,
+                       check_images=False, verbose=False)
+    samples = []
+    for i in range(len(ds)):
+        s = ds[i]
+        if len(s["labels"]):
+            samples.append(s)
+        if len(samples) == batch_size:
+            break
+    if len(samples) < batch_size:
+        raise ValueError(f"{ann}: only {len(samples)} images with boxes, need {batch_size}")
+    return collate_batch(samples, size_divisibility), ds.num_classes, name
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in seconds over ``reps`` calls after ``warmup`` untimed calls.
+
+    On CUDA the device is synchronised before and after each call. Raises ValueError if ``reps < 1``.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of PyTorch CPU tensors allocated during ``fn()`` and not yet freed.
+
+    Runs ``fn`` under ``torch.profiler.profile(profile_memory=True)``, reads the ``[memory]`` events
+    of the CPU allocator from the Chrome trace (``Bytes`` > 0 for an allocation, < 0 for a free),
+    orders them by time and returns the maximum of their running sum (>= 0). Frees of blocks
+    allocated before the call are not reported by the profiler and so do not lower the sum.
+    Memory not allocated through PyTorch (NumPy, Python objects) is not seen.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        trace = json.loads(Path(path).read_text())
+    finally:
+        os.unlink(path)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    mem = [e for e in events if e.get("name") == "[memory]" and int(e.get("args", {}).get("Device Type", 0)) == 0]
+    mem.sort(key=lambda e: (float(e["ts"]), int(e["args"].get("Ev Idx", 0))))
+    live = peak = 0
+    for e in mem:
+        live += int(e["args"]["Bytes"])
+        peak = max(peak, live)
+    return peak
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    """Peak bytes allocated by ``fn()`` above what was allocated before it, and the method used.
+
+    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` before.
+    CPU: :func:`cpu_peak_bytes`.
+    """
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - base), "cuda_max_memory_allocated"
+    return cpu_peak_bytes(fn), "torch_profiler_cpu_allocator_events"
+
+
+def host_numpy_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes traced by ``tracemalloc`` during ``fn()`` (NumPy arrays and Python objects, not torch tensors)."""
+    tracemalloc.start()
+    try:
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return int(peak)
+
+
+# ---------------------------------------------------------------------------------------------- model pieces
+def backbone_fpn_forward(model: CondInst, images: torch.Tensor) -> list[torch.Tensor]:
+    """Normalise uint8 ``[B,3,Hp,Wp]`` images and run backbone + FPN → P3–P7 (as ``CondInst``)."""
+    x = (images.float() - model.pixel_mean) / model.pixel_std
+    return model.fpn(model.backbone(x))
+
+
+def heads_forward(model: CondInst, feats: list[torch.Tensor],
+                  inputs: SupervisionInputs) -> tuple[dict[str, torch.Tensor], MaskInstances]:
+    """FCOS head + targets + losses, mask branch, BoxInst instance sampling and dynamic mask head on
+    FPN features: the part of ``CondInst.training_losses`` between the FPN and the mask supervision.
+
+    Returns ``(fcos_losses, instances)``; ``instances.logits`` is float ``[K,1,Hp/4,Wp/4]``.
+    """
+    cls_logits, bbox_reg, ctrness, params = model.head(feats)
+    mask_feats = model.mask_branch(feats)
+    locations = [compute_locations(f.shape[-2], f.shape[-1], s, f.device) for f, s in zip(feats, model.strides)]
+    targets = fcos_targets(locations, model.strides, model.ranges, inputs.boxes, inputs.labels,
+                           model.num_classes, model.cfg.center_sampling_radius)
+    flat_cls = flatten_levels(cls_logits)
+    flat_ctr = flatten_levels(ctrness)
+    losses = fcos_losses(flat_cls, flatten_levels(bbox_reg), flat_ctr, targets, model.num_classes)
+    instances = model._sample_instances(flat_cls, flat_ctr, flatten_levels(params), locations, targets, mask_feats)
+    return losses, instances
+
+
+def unit_supervision_config(cfg: SupervisionConfig) -> SupervisionConfig:
+    """``cfg`` with loss weights 1 and no pairwise warm-up, so the losses are the raw BoxInst terms."""
+    return dataclasses.replace(cfg, projection_weight=1.0, pairwise_weight=1.0, pairwise_warmup_iters=0)
+
+
+@dataclass
+class LossInputs:
+    """Inputs shared by both loss paths: detached float32 mask logits ``[K,1,h,w]`` of the sampled
+    instances, their image / GT indices and labels (int64 ``[K]``), the batch view and the mask stride."""
+
+    logits: torch.Tensor
+    im_inds: torch.Tensor
+    gt_inds: torch.Tensor
+    labels: torch.Tensor
+    inputs: SupervisionInputs
+    stride: int = 4
+
+
+def ours_loss_path(li: LossInputs, cfg: SupervisionConfig,
+                   backward: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Our path: ``BoxInstSupervision(cfg).losses`` (+ backward). Returns the losses and d(sum)/d(logits)."""
+    logits = li.logits.detach().requires_grad_(backward)
+    inst = MaskInstances(logits, li.im_inds, li.gt_inds, li.labels, li.stride)
+    losses = BoxInstSupervision(cfg).losses(inst, li.inputs, step=0)
+    if backward:
+        sum(losses.values()).backward()
+    return losses, logits.grad
+
+
+def ref_loss_path(li: LossInputs, cfg: SupervisionConfig,
+                  backward: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Reference-style path (``bench/reference_losses.py``) on the same inputs (+ backward)."""
+    logits = li.logits.detach().requires_grad_(backward)
+    inp = li.inputs
+    losses = ref_boxinst_losses(logits, li.im_inds, li.gt_inds, inp.images, inp.image_sizes, inp.orig_sizes,
+                                inp.boxes, stride=li.stride, bottom_pixels_removed=cfg.bottom_pixels_removed,
+                                color_threshold=cfg.color_threshold, dilation=cfg.pairwise_dilation)
+    if backward:
+        sum(losses.values()).backward()
+    return losses, logits.grad
+
+
+def _stage_fns(li: LossInputs, cfg: SupervisionConfig) -> dict[str, Callable[[], object]]:
+    """Per-stage closures of both paths: LAB + similarity (+ box masks), projection, pairwise.
+
+    The projection and pairwise closures run forward + backward on a fresh leaf copy of the logits,
+    with our similarity and box masks as targets for both paths; the pairwise ones return the
+    gradient with respect to the logits.
+    """
+    inp = li.inputs
+    stride, device = li.stride, li.logits.device
+    padded_hw = (int(inp.images.shape[-2]), int(inp.images.shape[-1]))
+    counts = [len(b) for b in inp.boxes]
+    first = torch.tensor([0] + counts[:-1], device=device).cumsum(0)
+    gidx = first[li.im_inds] + li.gt_inds
+    all_boxes = torch.cat(inp.boxes).float()
+
+    def ours_sim():
+        rows = [int(cfg.bottom_pixels_removed * h / oh) for (h, _), (oh, _) in zip(inp.image_sizes, inp.orig_sizes)]
+        valid = image_validity_masks(inp.image_sizes, padded_hw, rows, device)
+        similarity = lab_color_similarity(inp.images, valid, stride, cfg.pairwise_dilation)
+        return similarity, box_masks_at_stride(all_boxes, padded_hw, stride)
+
+    def ref_sim():
+        masks = ref_image_masks(padded_hw, inp.image_sizes, inp.orig_sizes, cfg.bottom_pixels_removed, device)
+        sim = ref_color_similarity(inp.images, masks, stride, 3, cfg.pairwise_dilation)
+        gt_sim = torch.cat([sim[b:b + 1].repeat(n, 1, 1, 1) for b, n in enumerate(counts)])
+        return gt_sim[gidx], ref_box_bitmasks(all_boxes, padded_hw, stride)[gidx]
+
+    with torch.no_grad():
+        sim, box_masks = ours_sim()
+    inst_masks = box_masks[gidx]
+
+    def ours_proj():
+        x = li.logits.detach().requires_grad_(True)
+        projection_loss(x, inst_masks).backward()
+
+    def ours_pair():
+        x = li.logits.detach().requires_grad_(True)
+        pairwise_loss(x, sim[li.im_inds], inst_masks, cfg.color_threshold, cfg.pairwise_dilation).backward()
+        return x.grad
+
+    def ref_proj():
+        x = li.logits.detach().requires_grad_(True)
+        ref_projection_loss(x.sigmoid(), inst_masks[:, None]).backward()
+
+    def ref_pair():
+        x = li.logits.detach().requires_grad_(True)
+        weights = (sim[li.im_inds] >= cfg.color_threshold).float() * inst_masks[:, None]
+        nll = ref_pairwise_nll(x, 3, cfg.pairwise_dilation)
+        ((nll * weights).sum() / weights.sum().clamp(min=1.0)).backward()
+        return x.grad
+
+    return {"lab_similarity": ours_sim, "projection": ours_proj, "pairwise": ours_pair,
+            "ref_lab_similarity": ref_sim, "ref_projection": ref_proj, "ref_pairwise": ref_pair}
+
+
+def compare_losses(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, object]:
+    """Relative differences of the loss values of the two paths.
+
+    Returns ``loss_max_rel_diff`` (max over the losses of ``|a - b| / max(|b|, 1e-12)``) and
+    ``loss_values`` ``{"ours": {...}, "ref": {...}}`` (floats).
+    """
+    ours = {k: float(v.detach()) for k, v in ours.items()}
+    ref = {k: float(v.detach()) for k, v in ref.items()}
+    rel = [abs(ours[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref]
+    return {"loss_max_rel_diff": max(rel), "loss_values": {"ours": ours, "ref": ref}}
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max(max|b|, 1e-12)`` (0 for empty tensors)."""
+    if b.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def build_bench_config(name: str, overrides: Sequence[str] = ()) -> Config:
+    """The recipe of config ``name`` (see :data:`CONFIGS`) with extra dotted ``overrides``.
+
+    Raises KeyError for an unknown name, :class:`boxmask.config.ConfigError` for a bad override.
+    """
+    if name not in CONFIGS:
+        raise KeyError(f"unknown benchmark config {name!r}; choose from {sorted(CONFIGS)}")
+    spec = CONFIGS[name]
+    return load_config(spec.recipe, [*spec.overrides, *overrides])
+
+
+def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 2, dataset: str | None = None,
+               image_size: tuple[int, int] | None = None, batch: int | None = None, overrides: Sequence[str] = (),
+               precision: str = "auto", seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+    """Run the whole benchmark for one config and return its JSON record (see the module doc).
+
+    Args:
+        name: a key of :data:`CONFIGS`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        reps / warmup: timed / untimed repetitions of every measurement.
+        dataset: ``"sample"`` or a COCO folder; default :func:`default_dataset`.
+        image_size / batch: override the config's ``(H, W)`` / batch size (for quick runs).
+        overrides: dotted config overrides (e.g. ``model.fpn_channels=64``).
+        precision: ``"auto"`` (bf16 autocast on CUDA when supported, else fp16; fp32 on CPU), ``"fp32"``,
+            ``"bf16"``, ``"fp16"`` for the training-side forward passes. The loss paths always run in fp32.
+        seed: model initialisation seed.
+        log: progress callback (e.g. ``print`` to stderr); None for silence.
+
+    Raises:
+        KeyError / ValueError: unknown config, bad precision or device, too few images.
+    """
+    say = log or (lambda _msg: None)
+    t_start = time.perf_counter()
+    cfg = build_bench_config(name, overrides)
+    spec = CONFIGS[name]
+    dev = resolve_device(device)
+    hw = tuple(image_size or spec.image_size)
+    bsz = int(batch or spec.batch)
+    dataset = dataset or default_dataset()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "fp32"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in amp_dtype:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+
+    def amp():
+        if amp_dtype[precision] is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=amp_dtype[precision])
+
+    cpu_batch, num_classes, ds_name = load_batch(dataset, hw, bsz, cfg.data.size_divisibility)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes).to(dev).train()
+    opt = build_optimizer(model, cfg.solver)
+    sup_cfg = unit_supervision_config(cfg.supervision)
+    supervision = BoxInstSupervision(sup_cfg)
+    data = cpu_batch.to(dev)
+    inputs = supervision_inputs(data, with_masks=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = float(cfg.solver.grad_clip)
+
+    def optimizer_part():
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            losses = model.training_losses(data.images, inputs, supervision, step=0)
+        sum(losses.values()).backward()
+        optimizer_part()
+
+    # the loss inputs: the sampled instances of one forward pass (identical for both paths)
+    with torch.no_grad(), amp():
+        _, inst = heads_forward(model, backbone_fpn_forward(model, data.images), inputs)
+    li = LossInputs(inst.logits.detach().float().contiguous(), inst.im_inds, inst.gt_inds, inst.labels, inputs,
+                    inst.stride)
+    say(f"[{name}] {ds_name} batch {bsz} at {hw[0]}x{hw[1]}: {len(inst)} instances, mask logits {tuple(li.logits.shape)}")
+
+    # correctness first: same inputs, both paths
+    ours, _ = ours_loss_path(li, sup_cfg)
+    ref, _ = ref_loss_path(li, sup_cfg)
+    diffs = compare_losses(ours, ref)
+    stages = _stage_fns(li, sup_cfg)
+    # the projection gradient is left out: its max over rows/columns has exact ties (aligned-bilinear
+    # replicates the border row/column), where amax splits the gradient and max(dim) picks one element
+    diffs["pairwise_grad_max_rel_diff"] = max_rel_diff(stages["pairwise"](), stages["ref_pairwise"]())
+    say(f"[{name}] losses ours {diffs['loss_values']['ours']} ref {diffs['loss_values']['ref']}")
+
+    # split of the step
+    with torch.no_grad(), amp():
+        feats0 = backbone_fpn_forward(model, data.images)
+    feat_grads = [torch.full_like(f, 1e-3) for f in feats0]
+    feats_in = [f.detach().requires_grad_(True) for f in feats0]
+    del feats0
+
+    def backbone_part():
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            feats = backbone_fpn_forward(model, data.images)
+        torch.autograd.backward(feats, feat_grads)
+
+    def heads_part():
+        opt.zero_grad(set_to_none=True)
+        for f in feats_in:
+            f.grad = None
+        with amp():
+            losses, instances = heads_forward(model, feats_in, inputs)
+        # stand-in upstream gradient for the mask logits: the cost of backward does not depend on it
+        (sum(losses.values()) + 1e-3 * instances.logits.sum()).backward()
+
+    times = {}
+    say(f"[{name}] timing backbone+FPN, heads, loss paths ...")
+    times["backbone_fpn_s"] = time_call(backbone_part, dev, reps, warmup)
+    times["heads_s"] = time_call(heads_part, dev, reps, warmup)
+    times["loss_path_s"] = time_call(lambda: ours_loss_path(li, sup_cfg), dev, reps, warmup)
+    times["ref_loss_path_s"] = time_call(lambda: ref_loss_path(li, sup_cfg), dev, reps, warmup)
+    for key, fn in stages.items():
+        prefix, stage = ("ref_", key[4:]) if key.startswith("ref_") else ("", key)
+        times[f"{prefix}loss_{stage}_s"] = time_call(fn, dev, reps, warmup)
+    train_step()  # gradients and momentum buffers exist before timing the optimizer alone
+    times["optimizer_s"] = time_call(optimizer_part, dev, reps, warmup)
+    say(f"[{name}] timing the training step ...")
+    times["step_s"] = time_call(train_step, dev, reps, warmup)
+
+    say(f"[{name}] peak memory ...")
+    opt.zero_grad(set_to_none=True)
+    loss_mem, mem_method = peak_memory_bytes(lambda: ours_loss_path(li, sup_cfg), dev)
+    ref_mem, _ = peak_memory_bytes(lambda: ref_loss_path(li, sup_cfg), dev)
+    ref_numpy = host_numpy_peak_bytes(lambda: ref_loss_path(li, sup_cfg))
+    step_mem, _ = peak_memory_bytes(train_step, dev)
+    step_mem_total = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
+
+    say(f"[{name}] inference ...")
+    model.eval()
+    old_thr = model.cfg.score_threshold
+    model.cfg.score_threshold = 0.0
+    n_dets = []
+
+    def infer_all():
+        n_dets.clear()
+        for b in range(bsz):
+            h, w = data.image_sizes[b]
+            preds = model.predict(data.images[b:b + 1], [(h, w)], [(h, w)])
+            n_dets.append(len(preds[0].scores))
+
+    try:
+        infer_s = time_call(infer_all, dev, reps, warmup) / bsz
+    finally:
+        model.cfg.score_threshold = old_thr
+        model.train()
+
+    step_s = times["step_s"]
+    split_sum = times["backbone_fpn_s"] + times["heads_s"] + times["loss_path_s"] + times["optimizer_s"]
+    record = {
+        "benchmark": "speed",
+        "config": name,
+        "backbone": cfg.model.backbone,
+        "fpn_channels": cfg.model.fpn_channels,
+        "dataset": ds_name,
+        "device": device_description(dev),
+        "torch": torch.__version__,
+        "precision": precision,
+        "batch": bsz,
+        "image_size": [int(hw[0]), int(hw[1])],
+        "padded_size": [int(data.images.shape[-2]), int(data.images.shape[-1])],
+        "num_instances": int(li.logits.shape[0]),
+        "mask_size": [int(li.logits.shape[-2]), int(li.logits.shape[-1])],
+        "reps": reps,
+        "warmup": warmup,
+        **{k: times[k] for k in ("step_s", "backbone_fpn_s", "heads_s", "loss_path_s", "optimizer_s")},
+        "split_sum_s": split_sum,
+        "loss_fraction": times["loss_path_s"] / step_s,
+        "step_peak_mem_bytes": step_mem,
+        "step_peak_mem_total_bytes": step_mem_total,
+        "loss_lab_similarity_s": times["loss_lab_similarity_s"],
+        "loss_projection_s": times["loss_projection_s"],
+        "loss_pairwise_s": times["loss_pairwise_s"],
+        "ref_loss_path_s": times["ref_loss_path_s"],
+        "ref_loss_lab_similarity_s": times["ref_loss_lab_similarity_s"],
+        "ref_loss_projection_s": times["ref_loss_projection_s"],
+        "ref_loss_pairwise_s": times["ref_loss_pairwise_s"],
+        "loss_speedup": times["ref_loss_path_s"] / times["loss_path_s"],
+        "loss_peak_mem_bytes": loss_mem,
+        "ref_loss_peak_mem_bytes": ref_mem,
+        "ref_loss_host_numpy_peak_bytes": ref_numpy,
+        "loss_mem_ratio": loss_mem / ref_mem if ref_mem > 0 else None,
+        "mem_method": mem_method,
+        **diffs,
+        "infer_img_per_s": 1.0 / infer_s,
+        "infer_detections_per_img": statistics.mean(n_dets) if n_dets else 0,
+        "commit": git_commit(),
+        "date": dt.date.today().isoformat(),
+    }
+    record["targets"] = {
+        "loss_speedup>=3": record["loss_speedup"] >= 3.0,
+        "loss_mem_ratio<=0.5": record["loss_mem_ratio"] is not None and record["loss_mem_ratio"] <= 0.5,
+        "loss_max_rel_diff<=1e-4": record["loss_max_rel_diff"] <= 1e-4,
+        "loss_fraction<0.15": record["loss_fraction"] < 0.15,
+    }
+    record["wall_s"] = time.perf_counter() - t_start
+    return record
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """CLI entry point; returns the records it printed and appended."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=sorted(CONFIGS))
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed repetitions before timing")
+    ap.add_argument("--dataset", default=None, help="'sample' or a COCO folder (images/, annotations/instances_train.json); "
+                    "default ../shared/data/nuts when present, else sample")
+    ap.add_argument("--image-size", default=None, help="override every config's size: H or HxW pixels (quick runs)")
+    ap.add_argument("--batch", type=int, default=None, help="override the batch size")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted config override applied to every config (repeatable)")
+    ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON-lines file to append to")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    image_size = parse_image_size(args.image_size) if args.image_size else None
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    for name in args.configs:
+        rec = run_config(name, device=args.device, reps=args.reps, warmup=args.warmup, dataset=args.dataset,
+                         image_size=image_size, batch=args.batch, overrides=args.overrides, precision=args.precision,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+        line = json.dumps(rec)
+        print(line, flush=True)
+        with out.open("a") as f:
+            f.write(line + "\n")
+        records.append(rec)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""``boxmask annotate``: fill in ``segmentation`` for every box of a COCO JSON with a trained model.
+
+Each annotation's mask comes from box-conditioned inference (:mod:`boxmask.modeling.box_conditioned`;
+methods.md §1.4, DiscoBox box-conditioned inference in methods.md §6): the dynamic mask head driven by
+the controller output at the best FCOS location inside the given box, binarised as CondInst does
+(methods.md §1.7) and clipped to the box. The output is the input JSON with, per annotation,
+``segmentation`` (compressed RLE at the image size) and ``area`` (mask pixels) replaced; every other
+key, record and field is kept, in the same order.
+
+No annotation is ever dropped. One the model cannot serve keeps its box as the mask and is counted
+by reason in the summary: ``crowd`` (``iscrowd=1``), ``non-finite``, ``zero or negative size``,
+``outside the image`` (the boxes :class:`~boxmask.data.coco.CocoInstances` leaves out), ``empty mask``
+(nothing above the threshold inside the box). A box's pixels are those whose centre lies in the
+closed box (:func:`~boxmask.engine.evaluator.boxes_to_masks`); a positive-size box too small to
+contain a pixel centre gets the pixels it touches.
+
+Resume: finished images are appended to a sidecar ``OUTPUT.partial.jsonl`` (one JSON line per image
+after a header line with a fingerprint of the input JSON, the weights and the settings; flushed per
+image, fsynced every ``save_every`` images). A rerun with ``resume=True`` checks the fingerprint, drops
+a torn last line, skips the finished images and produces the same output as an uninterrupted run.
+The final JSON is written atomically and the sidecar then removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data.coco import CocoInstances
+from ..data.collate import make_collate
+from ..data.transforms import build_test_transforms
+from ..io import atomic_write_json, atomic_write_text
+from ..modeling.box_conditioned import box_conditioned_masks
+from ..modeling.condinst import CondInst, aligned_bilinear
+from .evaluator import boxes_to_masks, masks_to_rle
+
+__all__ = ["AnnotateError", "annotate_dataset", "sidecar_path", "box_pixels"]
+
+SIDECAR_SUFFIX = ".partial.jsonl"
+_SIDECAR_VERSION = 1
+# Mask pixels (instances x H x W at the original size) binarised at once.
+_CHUNK_PIXELS = 1 << 24
+
+
+class AnnotateError(RuntimeError):
+    """``annotate`` cannot continue: e.g. a resume sidecar written for another input, model or settings."""
+
+
+def sidecar_path(output_json: str | Path) -> Path:
+    """The resume sidecar of an output path: ``OUTPUT + ".partial.jsonl"`` in the same folder."""
+    p = Path(output_json)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def box_pixels(box_xyxy: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:
+    """Pixels of a box as a bool ``[H,W]`` mask (original-image pixels).
+
+    Pixels whose centre lies in the closed box (as :func:`~boxmask.engine.evaluator.boxes_to_masks`);
+    when that is empty but the box has positive width and height and overlaps the image, the pixels it
+    touches (columns ``floor(x1)..ceil(x2)-1``, rows likewise, clipped). Non-finite, empty or
+    outside boxes give an all-False mask.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    mask = boxes_to_masks(torch.tensor([[x1, y1, x2, y2]], dtype=torch.float64), height, width)[0]
+    if not bool(mask.any()) and all(math.isfinite(v) for v in (x1, y1, x2, y2)) and x2 > x1 and y2 > y1:
+        c0, c1 = max(math.floor(x1), 0), min(math.ceil(x2), width)
+        r0, r1 = max(math.floor(y1), 0), min(math.ceil(y2), height)
+        if c1 > c0 and r1 > r0:
+            mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def _box_problem(ann: dict, width: int, height: int) -> str | None:
+    """Why CocoInstances leaves an annotation out (same rules and wording), or None."""
+    if ann.get("iscrowd", 0):
+        return "crowd"
+    x, y, w, h = (float(v) for v in ann["bbox"])
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return "non-finite"
+    if w <= 0 or h <= 0:
+        return "zero or negative size"
+    if min(max(x + w, 0.0), width) - min(max(x, 0.0), width) <= 0 or min(max(y + h, 0.0), height) - min(max(y, 0.0), height) <= 0:
+        return "outside the image"
+    return None
+
+
+def _xyxy(bbox: list[float]) -> tuple[float, float, float, float]:
+    x, y, w, h = (float(v) for v in bbox)
+    return x, y, x + w, y + h
+
+
+def _model_fingerprint(model: CondInst) -> str:
+    """sha256 over parameter/buffer names, shapes, dtypes and bytes of the state dict."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _label_map(dataset: CocoInstances, meta: dict) -> list[int]:
+    """Dataset label → model label: same category name first, else same COCO id, else -1 (unknown)."""
+    by_name = {n: i for i, n in enumerate(meta["class_names"])}
+    by_id = {c: i for i, c in enumerate(meta["cat_ids"])}
+    return [by_name.get(n, by_id.get(c, -1)) for n, c in zip(dataset.class_names, dataset.cat_ids)]
+
+
+def _read_sidecar(path: Path, fingerprint: dict) -> tuple[list[str], dict[int, dict]]:
+    """Valid record lines and records by image id of a sidecar; a torn last line is dropped.
+
+    Raises AnnotateError when the header's fingerprint differs from ``fingerprint``.
+    """
+    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        warnings.warn(f"{path}: unreadable header; starting over", stacklevel=3)
+        return [], {}
+    old = header.get("fingerprint", {}) if isinstance(header, dict) else {}
+    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if diff:
+        raise AnnotateError(
+            f"{path}: resume file was written for a different {', '.join(diff)}; delete it or run without resume"
+        )
+    kept, records = [], {}
+    for k, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            iid = int(rec["image_id"])
+            if not isinstance(rec["annotations"], list):
+                raise TypeError("annotations must be a list")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            # only a torn write (the last line) can be broken; anything after it is ignored too
+            warnings.warn(f"{path}: line {k} is incomplete; redoing that image and any after it", stacklevel=3)
+            break
+        kept.append(line)
+        records[iid] = rec
+    return kept, records
+
+
+def _binarise(logits: torch.Tensor, image_size: tuple[int, int], orig_size: tuple[int, int], out_stride: int,
+              threshold: float) -> torch.Tensor:
+    """Stride-4 logits ``[N,1,Hp/4,Wp/4]`` → bool ``[N,H,W]`` at the original size (methods.md §1.7)."""
+    h, w = image_size
+    probs = aligned_bilinear(logits.sigmoid(), out_stride)[:, :, :h, :w]
+    probs = F.interpolate(probs, size=orig_size, mode="bilinear", align_corners=False)
+    return probs[:, 0] > threshold
+
+
+def _image_record(image_id: int, ann_ids: list[int], boxes_orig: list[tuple], result, image_size, orig_size,
+                  out_stride: int, threshold: float, agnostic: list[bool]) -> dict:
+    """Masks of one image's served annotations as a sidecar record."""
+    oh, ow = orig_size
+    n = len(ann_ids)
+    chunk = max(1, _CHUNK_PIXELS // max(oh * ow, 1))
+    anns = []
+    for s in range(0, n, chunk):
+        pred = _binarise(result.logits[s:s + chunk], image_size, orig_size, out_stride, threshold).cpu()
+        for j in range(pred.shape[0]):
+            i = s + j
+            box = box_pixels(boxes_orig[i], oh, ow)
+            mask = pred[j] & box
+            source, reason = "model", None
+            if not bool(mask.any()):
+                mask, source, reason = box, "box", "empty mask"
+            rle = masks_to_rle(mask[None])[0]
+            anns.append({"id": int(ann_ids[i]), "segmentation": rle, "area": int(mask.sum()), "source": source,
+                         "reason": reason, "nearest": not bool(result.inside[i]), "agnostic": bool(agnostic[i])})
+    return {"image_id": int(image_id), "annotations": anns}
+
+
+def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | Path, image_dir: str | Path,
+                     output_json: str | Path, device: str | torch.device = "cpu", progress: bool = True,
+                     resume: bool = True, *, batch_size: int = 1, num_workers: int = 0,
+                     save_every: int = 20) -> dict[str, Any]:
+    """Write ``ann_file`` with a model mask for every annotation to ``output_json`` (module docstring).
+
+    Images are resized with the test transform of ``cfg`` (``data.test_min_size``/``test_max_size``),
+    boxes go through :func:`~boxmask.modeling.box_conditioned.box_conditioned_masks`, masks are
+    binarised at ``cfg.model.mask_threshold`` at the original image size and clipped to the box.
+    A box's category is matched to the model's classes by name, else by COCO id; an unknown
+    category uses the class-agnostic location score.
+
+    Args:
+        model: trained :class:`CondInst`; moved to ``device`` and put in eval mode.
+        cfg: its config (from :func:`~boxmask.engine.inference.load_checkpoint`).
+        meta: checkpoint meta with ``class_names`` and ``cat_ids`` of the model.
+        ann_file: input COCO instances JSON (boxes; existing segmentations are replaced).
+        image_dir: folder the ``file_name`` entries are relative to.
+        output_json: output path (may equal ``ann_file``; written atomically at the end).
+        device: inference device.
+        progress: show a tqdm bar over images.
+        resume: continue from the sidecar of ``output_json`` if present; False starts over.
+        batch_size: images per forward pass; num_workers: DataLoader workers for decoding.
+        save_every: fsync the sidecar every this many images (each image is flushed anyway).
+
+    Returns:
+        Summary dict: ``images``, ``annotations`` (records in the JSON), ``from_model``,
+        ``box_fallback`` (annotations whose mask is their box), ``box_fallback_reasons``
+        (reason → count), ``nearest_p3_location`` (boxes with no FCOS location centre inside, served
+        from the nearest P3 location), ``class_agnostic`` (boxes whose category the model does not
+        know), ``resumed_images`` (taken from the sidecar) and ``output`` (path).
+
+    Raises:
+        DatasetError: the JSON or an image is invalid (names the file and record).
+        AnnotateError: the sidecar belongs to another input JSON, model or settings.
+    """
+    ann_file, output_json = Path(ann_file), Path(output_json)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    dataset = CocoInstances(ann_file, image_dir, transforms=build_test_transforms(cfg.data.test_min_size, cfg.data.test_max_size),
+                            load_masks=False, check_images=cfg.data.check_images, verbose=progress)
+    raw_bytes = ann_file.read_bytes()
+    data = json.loads(raw_bytes)  # the untouched input (CocoInstances adds iscrowd/area to its copy)
+    images = {img["id"]: img for img in data["images"]}
+    ann_by_id = {ann["id"]: ann for ann in data["annotations"]}
+    label_map = _label_map(dataset, meta)
+
+    fingerprint = {
+        "annotations": hashlib.sha256(raw_bytes).hexdigest(),
+        "model": _model_fingerprint(model),
+        "settings": json.dumps({"test_min_size": cfg.data.test_min_size, "test_max_size": cfg.data.test_max_size,
+                                "mask_threshold": cfg.model.mask_threshold, "classes": meta["class_names"],
+                                "cat_ids": meta["cat_ids"]}, sort_keys=True),
+    }
+    side = sidecar_path(output_json)
+    header = json.dumps({"boxmask_annotate": _SIDECAR_VERSION, "fingerprint": fingerprint})
+    done: dict[int, dict] = {}
+    kept_lines: list[str] = []
+    if resume and side.is_file():
+        kept_lines, done = _read_sidecar(side, fingerprint)
+        done = {iid: rec for iid, rec in done.items() if iid in images}
+    resumed = len(done)
+    # start a clean sidecar (header + valid lines) that later lines are appended to
+    atomic_write_text(side, "\n".join([header, *kept_lines]) + "\n")
+
+    todo = [i for i, iid in enumerate(dataset.image_ids) if iid not in done]
+    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=make_collate(cfg.data.size_divisibility))
+    out_stride = model.mask_head.out_stride
+    threshold = cfg.model.mask_threshold
+    bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), desc="annotate", unit="img", disable=not progress)
+    since_sync = 0
+    with open(side, "a", encoding="utf-8") as fh:
+        for batch in loader:
+            labels = [torch.tensor([label_map[int(l)] for l in t["labels"]], dtype=torch.int64) for t in batch.targets]
+            if any(len(t["boxes"]) for t in batch.targets):
+                results = box_conditioned_masks(model, batch.images.to(device), batch.image_sizes,
+                                                [t["boxes"].to(device) for t in batch.targets],
+                                                [l.to(device) for l in labels])
+            else:
+                results = [None] * len(batch)
+            for b, iid in enumerate(batch.image_ids):
+                ann_ids = batch.targets[b]["ann_ids"].tolist()
+                oh, ow = batch.orig_sizes[b]
+                boxes_orig = [_xyxy(ann_by_id[a]["bbox"]) for a in ann_ids]
+                if ann_ids:
+                    rec = _image_record(iid, ann_ids, boxes_orig, results[b], batch.image_sizes[b], (oh, ow),
+                                        out_stride, threshold, (labels[b] < 0).tolist())
+                else:
+                    rec = {"image_id": int(iid), "annotations": []}
+                done[int(iid)] = rec
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                since_sync += 1
+                if since_sync >= save_every:
+                    os.fsync(fh.fileno())
+                    since_sync = 0
+                bar.update(1)
+    bar.close()
+
+    served = {a["id"]: a for rec in done.values() for a in rec["annotations"]}
+    reasons: Counter[str] = Counter()
+    from_model = nearest = agnostic = 0
+    out_anns = []
+    for ann in data["annotations"]:
+        img = images[ann["image_id"]]
+        got = served.get(ann["id"])
+        if got is None:
+            reason = _box_problem(ann, img["width"], img["height"]) or "not served"
+            mask = box_pixels(_xyxy(ann["bbox"]), img["height"], img["width"])
+            seg, area = masks_to_rle(mask[None])[0], int(mask.sum())
+            reasons[reason] += 1
+        else:
+            seg, area = got["segmentation"], got["area"]
+            if got["source"] == "model":
+                from_model += 1
+            else:
+                reasons[got["reason"]] += 1
+            nearest += bool(got["nearest"])
+            agnostic += bool(got["agnostic"])
+        out_anns.append({**ann, "segmentation": seg, "area": area})
+    output = {**data, "annotations": out_anns}
+    atomic_write_json(output_json, output)
+    side.unlink(missing_ok=True)
+    return {"images": len(data["images"]), "annotations": len(out_anns), "from_model": from_model,
+            "box_fallback": sum(reasons.values()), "box_fallback_reasons": dict(sorted(reasons.items())),
+            "nearest_p3_location": nearest, "class_agnostic": agnostic, "resumed_images": resumed,
+            "output": str(output_json)}

@@ -114,8 +114,8 @@ def test_real_data_training_mask_ap_beats_boxfill(tmp_path):
     """A short CPU run on the bundled real DSB2018 nuclei: the mask head must add over filled boxes."""
     torch.set_num_threads(2)
     cfg = load_config("boxinst_effnet-lite0_fpn_dsb2018-sample",
-                      [f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false", "solver.max_iters=160",
-                       "solver.steps=[130]", "data.min_sizes=[384]", "data.test_min_size=384", "data.num_workers=0"])
+                      [f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false", "solver.max_iters=200",
+                       "solver.steps=[160]", "data.num_workers=0"])
     summary = train(cfg)
     m = summary["metrics"]
     segm, boxfill, bbox = m["model"]["segm"]["AP"], m["boxfill"]["segm"]["AP"], m["model"]["bbox"]["AP"]

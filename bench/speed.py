@@ -406,7 +406,7 @@ def _stage_fns(li: LossInputs, cfg: SupervisionConfig) -> dict[str, Callable[[],
 
     def ours_pair():
         x = li.logits.detach().requires_grad_(True)
-        pairwise_loss(x, sim[li.im_inds], inst_masks, cfg.color_threshold, cfg.pairwise_dilation).backward()
+        pairwise_loss(x, sim, inst_masks, cfg.color_threshold, cfg.pairwise_dilation, im_inds=li.im_inds).backward()
         return x.grad
 
     def ref_proj():

@@ -198,6 +198,26 @@ def test_pairwise_loss_matches_unfold_reference_value_and_grad(dilation):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7)
 
 
+def test_pairwise_loss_per_image_similarity_equals_per_instance():
+    g = torch.Generator().manual_seed(31)
+    h, w = 9, 10
+    im_inds = torch.tensor([1, 0, 1, 2, 1])
+    logits = (torch.randn(5, 1, h, w, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    sim_img = torch.rand(3, 8, h, w, generator=g, dtype=torch.float64)
+    box = (torch.rand(5, h, w, generator=g) > 0.3).double()
+    loss = pairwise_loss(logits, sim_img, box, 0.3, 2, im_inds=im_inds)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref = pairwise_loss(logits, sim_img[im_inds], box, 0.3, 2)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda z: pairwise_loss(z, sim_img, box, 0.3, 2, im_inds=im_inds), (logits,))
+    with pytest.raises(ValueError, match="out of range"):
+        pairwise_loss(logits, sim_img[:2], box, im_inds=im_inds)
+    with pytest.raises(ValueError, match="im_inds"):
+        pairwise_loss(logits, sim_img, box, im_inds=im_inds[:3])
+
+
 def test_pairwise_loss_border_edges_count_in_normaliser_like_reference():
     # similarity >= tau even where the neighbour leaves the map: reference gives those edges zero loss
     g = torch.Generator().manual_seed(5)

@@ -121,6 +121,12 @@ def projection_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
     return (loss_x + loss_y).mean()
 
 
+def _channel(similarity: Tensor, k: int, im_inds: Tensor | None) -> Tensor:
+    """Neighbour channel ``k`` of each instance: ``[K, h, w]`` from a per-instance ``[K, 8, h, w]`` or,
+    with ``im_inds``, a per-image ``[B, 8, h, w]`` similarity (one ``[K, h, w]`` gather, not ``[K, 8, h, w]``)."""
+    return similarity[:, k] if im_inds is None else similarity[im_inds, k]
+
+
 def _edge_weights(similarity_k: Tensor, box_masks: Tensor, threshold: float) -> Tensor:
     """``[S >= tau] * B(centre)`` for one neighbour channel; float32 ``[K, h, w]``."""
     return (similarity_k >= threshold).to(box_masks.dtype) * box_masks
@@ -135,7 +141,7 @@ class _PairwiseNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, similarity: Tensor, box_masks: Tensor,
+    def forward(ctx, logits: Tensor, similarity: Tensor, box_masks: Tensor, im_inds: Tensor | None,
                 threshold: float, dilation: int) -> Tensor:
         _, h, w = logits.shape
         log_fg = F.logsigmoid(logits)
@@ -143,7 +149,7 @@ class _PairwiseNLL(torch.autograd.Function):
         total = logits.new_zeros(())
         weight_sum = logits.new_zeros(())
         for k, (dy, dx) in enumerate(neighbor_offsets(dilation)):
-            weights = _edge_weights(similarity[:, k], box_masks, threshold)
+            weights = _edge_weights(_channel(similarity, k, im_inds), box_masks, threshold)
             # edges leaving the map count in the normaliser but have zero loss (reference: log-probs
             # zero padded, so log P_same = logaddexp(log p_i, log(1 - p_i)) = 0)
             weight_sum = weight_sum + weights.sum()
@@ -152,7 +158,7 @@ class _PairwiseNLL(torch.autograd.Function):
                                        log_bg[:, cy, cx] + log_bg[:, ny, nx])
             total = total - (log_same * weights[:, cy, cx]).sum()
         norm = weight_sum.clamp(min=1.0)
-        ctx.save_for_backward(logits, similarity, box_masks, norm)
+        ctx.save_for_backward(logits, similarity, box_masks, norm, im_inds)
         ctx.threshold = threshold
         ctx.dilation = dilation
         return total / norm
@@ -160,18 +166,18 @@ class _PairwiseNLL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        logits, similarity, box_masks, norm = ctx.saved_tensors
+        logits, similarity, box_masks, norm, im_inds = ctx.saved_tensors
         _, h, w = logits.shape
         probs = logits.sigmoid()
         grad = torch.zeros_like(logits)
         for k, (dy, dx) in enumerate(neighbor_offsets(ctx.dilation)):
             (cy, cx), (ny, nx) = _shift_slices(dy, dx, h, w)
-            weights = _edge_weights(similarity[:, k, cy, cx], box_masks[:, cy, cx], ctx.threshold)
+            weights = _edge_weights(_channel(similarity, k, im_inds)[:, cy, cx], box_masks[:, cy, cx], ctx.threshold)
             q_fg = torch.sigmoid(logits[:, cy, cx] + logits[:, ny, nx])
             grad[:, cy, cx] += weights * (probs[:, cy, cx] - q_fg)
             grad[:, ny, nx] += weights * (probs[:, ny, nx] - q_fg)
         grad *= grad_out / norm
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def pairwise_loss(
@@ -180,6 +186,7 @@ def pairwise_loss(
     box_masks: Tensor,
     color_threshold: float = 0.3,
     dilation: int = 2,
+    im_inds: Tensor | None = None,
 ) -> Tensor:
     """BoxInst pairwise colour-affinity loss (methods.md §2.4; BoxInst paper Eq. 5).
 
@@ -196,25 +203,39 @@ def pairwise_loss(
 
     Args:
         mask_logits: ``[K, 1, h, w]`` or ``[K, h, w]`` mask logits at stride 4, any float dtype.
-        similarity: ``[K, 8, h, w]`` colour similarity of each instance's image
-            (:func:`~boxmask.supervision.color.lab_color_similarity`, indexed by image), values in [0, 1].
+        similarity: colour similarity (:func:`~boxmask.supervision.color.lab_color_similarity`), values in
+            [0, 1]: ``[K, 8, h, w]`` per instance, or ``[B, 8, h, w]`` per image together with ``im_inds``
+            (cheaper: no ``[K, 8, h, w]`` copy is made; many instances share an image).
         box_masks: ``[K, h, w]`` box masks of each instance's GT (0/1, :func:`box_masks_at_stride`).
         color_threshold: similarity threshold tau (BoxInst: 0.3).
         dilation: neighbour dilation in stride-4 cells; must match the one used for ``similarity``.
+        im_inds: optional int64 ``[K]`` image index of each instance into a per-image ``similarity``.
 
     Returns:
         float32 scalar (float64 for float64 logits); ``mask_logits.sum() * 0`` when ``K == 0``.
         Not twice differentiable.
 
     Raises:
-        ValueError: on shape mismatch or a similarity without 8 channels.
+        ValueError: on shape mismatch, a similarity without 8 channels or ``im_inds`` out of range.
     """
     logits = _as_khw(mask_logits, "pairwise_loss")
     k, h, w = logits.shape
-    if similarity.shape != (k, 8, h, w):
-        raise ValueError(
-            f"pairwise_loss: similarity must be [K, 8, h, w] = {(k, 8, h, w)}, got {tuple(similarity.shape)}"
-        )
+    if im_inds is None:
+        if similarity.shape != (k, 8, h, w):
+            raise ValueError(
+                f"pairwise_loss: similarity must be [K, 8, h, w] = {(k, 8, h, w)}, got {tuple(similarity.shape)}"
+            )
+    else:
+        if similarity.dim() != 4 or tuple(similarity.shape[1:]) != (8, h, w):
+            raise ValueError(
+                f"pairwise_loss: per-image similarity must be [B, 8, h, w] with (h, w) = {(h, w)}, "
+                f"got {tuple(similarity.shape)}"
+            )
+        if im_inds.shape != (k,):
+            raise ValueError(f"pairwise_loss: im_inds must be [K] = [{k}], got {tuple(im_inds.shape)}")
+        if k and (int(im_inds.min()) < 0 or int(im_inds.max()) >= similarity.shape[0]):
+            raise ValueError(f"pairwise_loss: im_inds out of range for {similarity.shape[0]} images")
+        im_inds = im_inds.to(device=similarity.device, dtype=torch.long)
     if box_masks.shape != (k, h, w):
         raise ValueError(
             f"pairwise_loss: box_masks must be [K, h, w] = {(k, h, w)}, got {tuple(box_masks.shape)}"
@@ -226,6 +247,7 @@ def pairwise_loss(
         logits,
         similarity.detach().to(logits.dtype),
         box_masks.detach().to(logits.dtype),
+        im_inds,
         float(color_threshold),
         dilation,
     )
@@ -286,8 +308,8 @@ class BoxInstSupervision(MaskSupervision):
         box_masks = box_masks_at_stride(torch.cat(inputs.boxes).to(device).float(), padded_hw, stride)
         inst_box_masks = box_masks[offsets[instances.im_inds] + instances.gt_inds]
         loss_proj = projection_loss(logits, inst_box_masks)
-        loss_pair = pairwise_loss(logits, similarity[instances.im_inds], inst_box_masks,
-                                  cfg.color_threshold, cfg.pairwise_dilation)
+        loss_pair = pairwise_loss(logits, similarity, inst_box_masks, cfg.color_threshold, cfg.pairwise_dilation,
+                                  im_inds=instances.im_inds)
         # AdelaiDet counts iterations from 1
         warm = pairwise_warmup_factor(step + 1, cfg.pairwise_warmup_iters)
         return {"loss_proj": cfg.projection_weight * loss_proj, "loss_pairwise": cfg.pairwise_weight * warm * loss_pair}

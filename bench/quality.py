@@ -26,7 +26,7 @@ the boxes-given track where the boxes are the GT), ``mean_mask_IoU`` (boxes-give
 0–100 like the APs; null otherwise), ``ratio_box_over_mask`` (mask AP of the box-supervised model over
 the mask-supervised one: on ``boxinst`` and ``boxinst_annotate``; null otherwise), ``images`` and
 ``instances`` evaluated, ``box_fallbacks`` (boxes-given masks that fell back to the filled box),
-``device`` (where the method ran), ``wall_s`` (end to end: training + val evaluation; boxes given: making
+``location_rank`` (annotate rows: ``--location-rank``), ``device`` (where the method ran), ``wall_s`` (end to end: training + val evaluation; boxes given: making
 the masks, without training), ``train_wall_s`` (annotate rows: training of their model), ``commit``,
 ``date``, ``config``. The run's Markdown table is printed and written to
 ``bench/results/quality_<dataset>.md``.
@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grabcut-max-images", type=int, default=0,
                     help="boxes-given track on the first N val images only (0 = all)")
     ap.add_argument("--grabcut-iterations", type=int, default=5)
+    ap.add_argument("--location-rank", choices=("score_iou", "score"), default="score_iou",
+                    help="annotate: how the FCOS location serving a given box is chosen")
+    ap.add_argument("--candidates", type=int, default=5, help="annotate: FCOS locations tried per box")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="training and annotate device (GrabCut always runs on the CPU)")
     ap.add_argument("--reuse", action="store_true", help="load finished trainings of the same config from --output")
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 out_json = gdir / f"{method}_{gt_json.name}"
                 summary = annotate_dataset(model, mcfg, meta, gt_json, image_dir, out_json, device=device, progress=True,
-                                           resume=False)
+                                           resume=False, rank=args.location_rank, candidates=args.candidates)
                 results = annotations_to_results(out_json)
                 fallbacks = (summary or {}).get("box_fallback")
                 train_wall, dev = round(trained[kind]["wall_s"], 1), device_name(cpu=not use_cuda)
@@ -326,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             segm = evaluate_coco(gt, results, ("segm",), max_dets=max_dets, image_ids=info["image_ids"])["segm"]
             miou = _num(mean_mask_iou(gt, results))
             row = dict(base, track="boxes_given", method=method, supervision=supervision, **_ap_fields(segm, None), **empty)
+            if kind:
+                row["location_rank"] = args.location_rank
+                row["candidates"] = args.candidates
             row.update(max_dets=max_dets, mean_mask_IoU=None if miou is None else 100.0 * miou, box_fallbacks=fallbacks,
                        train_wall_s=train_wall, images=len(info["image_ids"]), instances=info["instances"], device=dev,
                        wall_s=round(wall, 1), config=str(out / kind / "config.yaml") if kind else None)

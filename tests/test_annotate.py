@@ -18,7 +18,7 @@ from boxmask.data.transforms import build_test_transforms
 from boxmask.engine.annotate import AnnotateError, annotate_dataset, box_pixels, sidecar_path
 from boxmask.engine.inference import load_checkpoint
 from boxmask.engine.train import train
-from boxmask.modeling.box_conditioned import masks_for_boxes
+from boxmask.modeling.box_conditioned import box_conditioned_masks, masks_for_boxes, projection_fit
 from boxmask.modeling.condinst import CondInst, postprocess
 from boxmask.modeling.fcos import Detections, compute_locations
 
@@ -64,7 +64,9 @@ def _crafted_model(monkeypatch, tmp_path):
     put(0, 52, 52, 0, 0.999, 0.999)  # P3 idx 54: best class-0 score, but outside boxes A and B
     put(1, 40, 40, 0, 0.95, 0.95)   # P4 idx 74: on the corner of box B (closed box), outside box A
     mask_feats = torch.zeros(1, model.cfg.mask_channels, 8, 8)
-    monkeypatch.setattr(model, "_forward_features", lambda images: (cls, None, ctr, params, mask_feats, locations))
+    reg = [torch.zeros(1, 4, h, w) for h, w in sizes]  # stride-normalised l,t,r,b; zero unless a test sets it
+    monkeypatch.setattr(model, "_forward_features", lambda images: (cls, reg, ctr, params, mask_feats, locations))
+    model._crafted_reg = reg
     calls = []
 
     def fake_head(feats, prm, im_inds, locs, levels):
@@ -84,7 +86,7 @@ def test_masks_for_boxes_picks_best_location_inside_each_box(monkeypatch, tmp_pa
     model, calls = _crafted_model(monkeypatch, tmp_path)
     images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
     boxes = [torch.tensor([BOX_A, BOX_B, BOX_TINY])]
-    out = masks_for_boxes(model, images, [(64, 64)], boxes, [torch.tensor([0, 0, 0])])
+    out = masks_for_boxes(model, images, [(64, 64)], boxes, [torch.tensor([0, 0, 0])], rank="score", candidates=1)
     assert out[0].shape == (3, 1, 16, 16)
     # A: sigma(cls0)*sigma(ctr) is 0.54 at P4 (24,24) > 0.09 at P3 (12,12); (52,52) and (40,40) are outside
     # B: (40,40) lies on B's corner and wins; tiny: nearest P3 location (28,28) = row 3, col 3
@@ -94,7 +96,66 @@ def test_masks_for_boxes_picks_best_location_inside_each_box(monkeypatch, tmp_pa
     assert levels.tolist() == [1, 1, 0]
     # unknown class (None, or a label outside [0, C)): class-agnostic max -> the class-1 location (20,12)
     for labels in (None, [torch.tensor([-1, 0, 0])]):
-        assert masks_for_boxes(model, images, [(64, 64)], boxes, labels)[0][0, 0, 0, 0].item() == 10.0
+        assert masks_for_boxes(model, images, [(64, 64)], boxes, labels, rank="score",
+                               candidates=1)[0][0, 0, 0, 0].item() == 10.0
+
+
+def test_masks_for_boxes_score_iou_prefers_the_location_that_regresses_the_given_box(monkeypatch, tmp_path):
+    model, _ = _crafted_model(monkeypatch, tmp_path)
+    images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    reg = model._crafted_reg
+    # P4 (24,24) (score 0.54) regresses a neighbour's box (16,16,64,64); P3 (12,12) (score 0.09) regresses exactly A
+    reg[1][0, :, 1, 1] = torch.tensor([8.0, 8.0, 40.0, 40.0]) / 16
+    reg[0][0, :, 1, 1] = torch.tensor([12.0, 12.0, 27.0, 27.0]) / 8
+    box_a = [torch.tensor([BOX_A])]
+    labels = [torch.tensor([0])]
+    # IoU(P4 box, A) = 23*23/(39*39 + 48*48 - 23*23) = 0.1605 -> 0.54*0.1605 = 0.0867 < 0.09*1.0
+    assert masks_for_boxes(model, images, [(64, 64)], box_a, labels, candidates=1)[0][0, 0, 0, 0].item() == 9.0
+    assert masks_for_boxes(model, images, [(64, 64)], box_a, labels, rank="score",
+                           candidates=1)[0][0, 0, 0, 0].item() == 69.0
+    res = box_conditioned_masks(model, images, [(64, 64)], box_a, labels, candidates=1)[0]
+    assert res.scores.item() == pytest.approx(0.09, rel=1e-5)  # reported score is the FCOS score, no IoU factor
+    with pytest.raises(ValueError, match="rank must be one of"):
+        masks_for_boxes(model, images, [(64, 64)], box_a, labels, rank="iou")
+
+
+def test_masks_for_boxes_candidates_keep_the_mask_that_fits_the_box(monkeypatch, tmp_path):
+    model, calls = _crafted_model(monkeypatch, tmp_path)
+    images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+
+    def head(feats, prm, im_inds, locs, levels):
+        calls.append(prm[:, 0].clone())
+        out = torch.full((len(prm), 1, 16, 16), -10.0)
+        out[prm[:, 0] == 9, :, :10, :10] = 10.0  # P3 (12,12) draws exactly box A (cells 0..9 at stride 4)
+        out[prm[:, 0] == 69, :, 2:5, 2:5] = 10.0  # P4 (24,24), the best-ranked, draws a fragment
+        return out
+
+    monkeypatch.setattr(model.mask_head, "forward", head)
+    box_a, labels = [torch.tensor([BOX_A])], [torch.tensor([0])]
+    one = box_conditioned_masks(model, images, [(64, 64)], box_a, labels, rank="score", candidates=1)[0]
+    assert one.loc_inds.tolist() == [69]
+    two = box_conditioned_masks(model, images, [(64, 64)], box_a, labels, rank="score", candidates=2)[0]
+    assert two.loc_inds.tolist() == [9] and two.scores.item() == pytest.approx(0.09, rel=1e-5)
+    assert (two.logits[0, 0, :10, :10] == 10).all() and two.logits.shape == (1, 1, 16, 16)
+    assert sorted(calls[-1].tolist()) == [9.0, 69.0]
+    # a box with no location inside has one candidate (its nearest P3 location) whatever k is
+    tiny = box_conditioned_masks(model, images, [(64, 64)], [torch.tensor([BOX_TINY, BOX_A])],
+                                 [torch.tensor([0, 0])], rank="score", candidates=3)[0]
+    assert tiny.loc_inds.tolist() == [27, 9] and tiny.inside.tolist() == [False, True]
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        box_conditioned_masks(model, images, [(64, 64)], box_a, labels, candidates=0)
+
+
+def test_projection_fit_is_zero_for_the_box_and_grows_for_fragments():
+    box = torch.zeros(1, 8, 8)
+    box[0, 2:6, 1:7] = 1
+    exact = torch.where(box > 0, 20.0, -20.0)
+    frag = torch.full((1, 8, 8), -20.0)
+    frag[0, 3:4, 3:4] = 20.0
+    fits = projection_fit(torch.cat([exact, frag]), torch.cat([box, box]))
+    assert fits[0].item() == pytest.approx(0.0, abs=1e-5)
+    # fragment: x projection 1 of 6 columns -> dice 1 - 2/7; y projection 1 of 4 rows -> 1 - 2/5
+    assert fits[1].item() == pytest.approx((1 - 2 / 7) + (1 - 2 / 5), rel=1e-4)
 
 
 def test_masks_for_boxes_batch_with_an_image_without_boxes(monkeypatch, tmp_path):

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+#: default of `annotate --candidates` (kept equal to annotate_dataset's default)
+ANNOTATE_CANDIDATES = 5
+
 
 def _device(name: str) -> torch.device:
     if name == "auto":
@@ -72,7 +75,8 @@ def cmd_annotate(args) -> int:
     device = _device(args.device)
     model, cfg, meta = load_checkpoint(args.checkpoint, device)
     summary = annotate_dataset(model, cfg, meta, args.ann_file, args.images, args.output, device=device,
-                               resume=not args.no_resume)
+                               resume=not args.no_resume, rank=args.location_rank,
+                               candidates=args.candidates)
     reasons = ", ".join(f"{n} {r}" for r, n in summary["box_fallback_reasons"].items()) or "none"
     print(f"{summary['annotations']} annotations on {summary['images']} images ► {summary['output']}")
     print(f"  masks from the model: {summary['from_model']}")
@@ -160,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="output JSON (resume file beside it: OUTPUT.partial.jsonl)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-resume", action="store_true", help="ignore an interrupted run's progress and start over")
+    p.add_argument("--location-rank", choices=("score_iou", "score"), default="score_iou",
+                   help="how the FCOS location serving a box is chosen: score x IoU of its regressed box with the "
+                        "given box (default), or the score alone")
+    p.add_argument("--candidates", type=int, default=ANNOTATE_CANDIDATES,
+                   help="FCOS locations tried per box; the mask whose x/y projections fit the box best is kept")
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("demo", help="train BoxInst on the bundled nuclei sample, evaluate, write overlays")

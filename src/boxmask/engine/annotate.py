@@ -42,7 +42,7 @@ from ..data.coco import CocoInstances
 from ..data.collate import make_collate
 from ..data.transforms import build_test_transforms
 from ..io import atomic_write_json, atomic_write_text
-from ..modeling.box_conditioned import box_conditioned_masks
+from ..modeling.box_conditioned import LOCATION_RANKS, box_conditioned_masks
 from ..modeling.condinst import CondInst, aligned_bilinear
 from .evaluator import boxes_to_masks, masks_to_rle
 
@@ -188,7 +188,7 @@ def _image_record(image_id: int, ann_ids: list[int], boxes_orig: list[tuple], re
 def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | Path, image_dir: str | Path,
                      output_json: str | Path, device: str | torch.device = "cpu", progress: bool = True,
                      resume: bool = True, *, batch_size: int = 1, num_workers: int = 0,
-                     save_every: int = 20) -> dict[str, Any]:
+                     save_every: int = 20, rank: str = "score_iou", candidates: int = 5) -> dict[str, Any]:
     """Write ``ann_file`` with a model mask for every annotation to ``output_json`` (module docstring).
 
     Images are resized with the test transform of ``cfg`` (``data.test_min_size``/``test_max_size``),
@@ -209,6 +209,10 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
         resume: continue from the sidecar of ``output_json`` if present; False starts over.
         batch_size: images per forward pass; num_workers: DataLoader workers for decoding.
         save_every: fsync the sidecar every this many images (each image is flushed anyway).
+        rank: location ranking of :func:`~boxmask.modeling.box_conditioned.select_box_locations`
+            (``"score_iou"`` or ``"score"``).
+        candidates: FCOS locations tried per box, the mask that fits the box best is kept
+            (:func:`~boxmask.modeling.box_conditioned.box_conditioned_masks`, rule 4); 1 = best-ranked only.
 
     Returns:
         Summary dict: ``images``, ``annotations`` (records in the JSON), ``from_model``,
@@ -220,7 +224,12 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
     Raises:
         DatasetError: the JSON or an image is invalid (names the file and record).
         AnnotateError: the sidecar belongs to another input JSON, model or settings.
+        ValueError: an unknown ``rank`` or ``candidates < 1``.
     """
+    if rank not in LOCATION_RANKS:
+        raise ValueError(f"annotate: rank must be one of {LOCATION_RANKS}, got {rank!r}")
+    if candidates < 1:
+        raise ValueError(f"annotate: candidates must be >= 1, got {candidates}")
     ann_file, output_json = Path(ann_file), Path(output_json)
     device = torch.device(device)
     model = model.to(device).eval()
@@ -236,7 +245,7 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
         "annotations": hashlib.sha256(raw_bytes).hexdigest(),
         "model": _model_fingerprint(model),
         "settings": json.dumps({"test_min_size": cfg.data.test_min_size, "test_max_size": cfg.data.test_max_size,
-                                "mask_threshold": cfg.model.mask_threshold, "classes": meta["class_names"],
+                                "mask_threshold": cfg.model.mask_threshold, "rank": rank, "candidates": candidates, "classes": meta["class_names"],
                                 "cat_ids": meta["cat_ids"]}, sort_keys=True),
     }
     side = sidecar_path(output_json)
@@ -263,7 +272,8 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
             if any(len(t["boxes"]) for t in batch.targets):
                 results = box_conditioned_masks(model, batch.images.to(device), batch.image_sizes,
                                                 [t["boxes"].to(device) for t in batch.targets],
-                                                [l.to(device) for l in labels])
+                                                [l.to(device) for l in labels], rank=rank,
+                                                candidates=candidates)
             else:
                 results = [None] * len(batch)
             for b, iid in enumerate(batch.image_ids):

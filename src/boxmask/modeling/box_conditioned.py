@@ -10,11 +10,20 @@ Location rule (per box ``(x1, y1, x2, y2)`` in resized-image pixels, label ``c``
 
 1. candidates are the FCOS locations of every level P3–P7 whose centre ``(x, y)`` lies in the closed
    box, ``x1 <= x <= x2`` and ``y1 <= y <= y2``;
-2. the candidate maximising ``σ(cls_c) · σ(ctr)`` is chosen (the FCOS ranking score of methods.md
-   §1.2/§1.5); when ``c`` is unknown (no labels, or a label outside ``[0, C)``) the class-agnostic
-   ``max_c σ(cls_c) · σ(ctr)`` is used, as in BoxInst's top-k sampling (methods.md §1.5);
+2. each candidate is ranked by the FCOS score ``σ(cls_c) · σ(ctr)`` (methods.md §1.2/§1.5) -- when
+   ``c`` is unknown (no labels, or a label outside ``[0, C)``) by the class-agnostic
+   ``max_c σ(cls_c) · σ(ctr)``, as in BoxInst's top-k sampling (methods.md §1.5) -- times, with the
+   default ``rank="score_iou"``, the IoU between the box that location regresses and the given box
+   (``rank="score"``: the score alone). The IoU factor matters for touching objects (nuclei, nuts):
+   a location inside box A can belong to a neighbour B, and its controller then draws B's mask;
+   its regressed box tells which object it serves. The best-ranked candidate is chosen;
 3. a box with no location centre inside it (smaller than the P3 stride of 8 px) uses the P3
-   location nearest to the box centre (Euclidean; ties go to the lower flat index).
+   location nearest to the box centre (Euclidean; ties go to the lower flat index);
+4. with ``candidates = k > 1`` the ``k`` best-ranked locations inside the box each draw a mask and the
+   one that fits the given box best is kept: the smallest BoxInst projection term (methods.md §2.3,
+   dice of the x and y max-projections of the mask against those of the box), ties to the better
+   rank. This uses the one thing known for sure, the box, to reject a controller that draws a
+   neighbour, a fragment or nothing.
 """
 
 from __future__ import annotations
@@ -23,11 +32,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from .condinst import CondInst
+from ..supervision.boxinst import box_masks_at_stride
 from .fcos import flatten_levels
 
-__all__ = ["BoxConditionedMasks", "select_box_locations", "box_conditioned_masks", "masks_for_boxes"]
+__all__ = ["BoxConditionedMasks", "LOCATION_RANKS", "box_location_candidates", "projection_fit", "select_box_locations", "box_conditioned_masks", "masks_for_boxes"]
+
+#: location ranking rules of :func:`select_box_locations`
+LOCATION_RANKS = ("score_iou", "score")
 
 # Instances per dynamic-mask-head call: bounds the [K, C_mask+2, h*w] input at large image sizes.
 _HEAD_CHUNK = 64
@@ -56,9 +70,10 @@ class BoxConditionedMasks:
     inside: Tensor
 
 
-def select_box_locations(scores: Tensor, locations: Tensor, num_p3: int, boxes: Tensor,
-                         labels: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Choose one FCOS location per box by the rule in the module docstring.
+def box_location_candidates(scores: Tensor, locations: Tensor, num_p3: int, boxes: Tensor,
+                            labels: Tensor | None = None, pred_boxes: Tensor | None = None, k: int = 1
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``k`` best-ranked FCOS locations inside each box (rules 1-3 of the module docstring).
 
     Args:
         scores: float ``[L,C]`` ``σ(cls)·σ(ctr)`` of one image, levels concatenated (P3 first).
@@ -67,13 +82,20 @@ def select_box_locations(scores: Tensor, locations: Tensor, num_p3: int, boxes: 
         boxes: float ``[N,4]`` xyxy pixels (same coordinate frame as ``locations``).
         labels: int64 ``[N]`` contiguous class of each box, or None; entries outside ``[0, C)``
             (e.g. -1) mean "unknown class" and use the max over classes.
+        pred_boxes: float ``[L,4]`` xyxy box regressed at each location (pixels), or None; when given,
+            candidates are ranked by ``score · IoU(pred_box, box)`` instead of the score.
+
+        k: candidates per box (>= 1), best first.
 
     Returns:
-        ``(loc_inds int64 [N], chosen scores float [N], inside bool [N])``.
+        ``(loc_inds int64 [N,k], scores float [N,k], valid bool [N,k], inside bool [N])``: candidate
+        locations best first, their FCOS scores (without the IoU factor), whether each candidate is real
+        (a box with fewer than ``k`` location centres inside has invalid trailing entries; a box with none
+        has only its nearest P3 location, in column 0), and whether any location centre is inside the box.
 
     Raises:
-        ValueError: ``boxes`` is not ``[N,4]``, ``labels`` has a different length, or
-            ``num_p3`` is not in ``[1, L]``.
+        ValueError: ``boxes`` is not ``[N,4]``, ``labels`` has a different length, ``num_p3`` is not in
+            ``[1, L]`` or ``k < 1``.
     """
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be [N,4] xyxy, got shape {tuple(boxes.shape)}")
@@ -81,10 +103,14 @@ def select_box_locations(scores: Tensor, locations: Tensor, num_p3: int, boxes: 
     num_locs, num_classes = scores.shape
     if not 1 <= num_p3 <= num_locs:
         raise ValueError(f"num_p3 must be in [1, {num_locs}], got {num_p3}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, num_locs)
     device = scores.device
     if n == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        return empty, scores.new_zeros(0), torch.zeros(0, dtype=torch.bool, device=device)
+        empty = torch.zeros(0, k, dtype=torch.int64, device=device)
+        return (empty, scores.new_zeros(0, k), torch.zeros(0, k, dtype=torch.bool, device=device),
+                torch.zeros(0, dtype=torch.bool, device=device))
     boxes = boxes.to(device=device, dtype=torch.float32)
     agnostic = scores.max(1).values  # [L]
     if labels is None:
@@ -98,21 +124,42 @@ def select_box_locations(scores: Tensor, locations: Tensor, num_p3: int, boxes: 
     x, y = locations[:, 0].float(), locations[:, 1].float()
     inside_any = ((x[None] >= boxes[:, 0:1]) & (x[None] <= boxes[:, 2:3])
                   & (y[None] >= boxes[:, 1:2]) & (y[None] <= boxes[:, 3:4]))  # [N,L]
-    # scores are in [0,1]; -1 can never win against an inside location
-    best_score, best = torch.where(inside_any, per_box, torch.full_like(per_box, -1.0)).max(1)
+    rank = per_box
+    if pred_boxes is not None:
+        if pred_boxes.shape != (num_locs, 4):
+            raise ValueError(f"pred_boxes must be [{num_locs},4], got {tuple(pred_boxes.shape)}")
+        rank = per_box * box_iou(boxes, pred_boxes.to(device=device, dtype=torch.float32))
+    # ranks are in [0,1]; -1 marks locations outside the box (never ahead of an inside one)
+    top_rank, best = torch.where(inside_any, rank, torch.full_like(rank, -1.0)).topk(k, dim=1)
+    valid = top_rank >= 0
     inside = inside_any.any(1)
     if not bool(inside.all()):
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
         dist = torch.cdist(centres, locations[:num_p3].float())  # [N,num_p3]
         nearest = dist.argmin(1)
-        best = torch.where(inside, best, nearest)
-        best_score = torch.where(inside, best_score, per_box.gather(1, nearest[:, None])[:, 0])
-    return best, best_score, inside
+        best[:, 0] = torch.where(inside, best[:, 0], nearest)
+        valid[:, 0] = True
+    return best, per_box.gather(1, best), valid, inside
+
+
+def select_box_locations(scores: Tensor, locations: Tensor, num_p3: int, boxes: Tensor,
+                         labels: Tensor | None = None, pred_boxes: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Choose one FCOS location per box: the first candidate of :func:`box_location_candidates`.
+
+    Returns ``(loc_inds int64 [N], FCOS scores float [N], inside bool [N])``; arguments and errors as
+    :func:`box_location_candidates`.
+    """
+    inds, cand_scores, _, inside = box_location_candidates(scores, locations, num_p3, boxes, labels, pred_boxes, 1)
+    return inds[:, 0], cand_scores[:, 0], inside
+
+
 
 
 @torch.no_grad()
 def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tuple[int, int]],
-                          boxes: list[Tensor], labels: list[Tensor] | None = None) -> list[BoxConditionedMasks]:
+                          boxes: list[Tensor], labels: list[Tensor] | None = None,
+                          rank: str = "score_iou", candidates: int = 5) -> list[BoxConditionedMasks]:
     """Mask logits for given boxes with the chosen locations (methods.md §1.4; DiscoBox box-conditioned inference).
 
     One forward pass of ``model`` (backbone, FPN, FCOS head, mask branch) over the batch, then per box
@@ -126,47 +173,99 @@ def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tup
             lie inside the image; kept for symmetry with :meth:`CondInst.detect`).
         boxes: per image float ``[N_i,4]`` xyxy in resized-image pixels.
         labels: per image int64 ``[N_i]`` contiguous model classes (-1 = unknown), or None.
+        rank: location ranking, one of :data:`LOCATION_RANKS` (module docstring, rule 2).
+        candidates: locations tried per box (rule 4 of the module docstring; 1 = the best-ranked only).
 
     Returns:
         One :class:`BoxConditionedMasks` per image.
 
     Raises:
-        ValueError: ``boxes``/``labels`` do not have one entry per image, or a bad box tensor shape.
+        ValueError: ``boxes``/``labels`` do not have one entry per image, a bad box tensor shape, an
+            unknown ``rank`` or ``candidates < 1``.
     """
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if rank not in LOCATION_RANKS:
+        raise ValueError(f"rank must be one of {LOCATION_RANKS}, got {rank!r}")
     batch = images.shape[0]
     if len(boxes) != batch or (labels is not None and len(labels) != batch):
         raise ValueError(f"{batch} images but {len(boxes)} box lists"
                          + ("" if labels is None else f" and {len(labels)} label lists"))
-    cls_logits, _, ctrness, params, mask_feats, locations = model._forward_features(images)
+    cls_logits, bbox_reg, ctrness, params, mask_feats, locations = model._forward_features(images)
     flat_cls = flatten_levels(cls_logits).float()  # [B,L,C]
+    pred_boxes = None
+    if rank == "score_iou":
+        level_stride = torch.cat([torch.full((len(l),), float(s), device=l.device)
+                                  for l, s in zip(locations, model.strides)])
+        ltrb = flatten_levels(bbox_reg).float() * level_stride[None, :, None]  # [B,L,4] pixels
+        locs = torch.cat(locations)[None]
+        pred_boxes = torch.cat([locs - ltrb[..., :2], locs + ltrb[..., 2:]], dim=-1)
     flat_ctr = flatten_levels(ctrness).float()  # [B,L,1]
     flat_params = flatten_levels(params)  # [B,L,P]
     all_locs = torch.cat(locations)
     level_of = torch.cat([torch.full((len(l),), i, dtype=torch.int64, device=l.device) for i, l in enumerate(locations)])
+    hp, wp = images.shape[-2:]
     out = []
     for b in range(batch):
         scores = flat_cls[b].sigmoid() * flat_ctr[b].sigmoid()  # [L,C]
-        loc_inds, chosen, inside = select_box_locations(scores, all_locs, len(locations[0]), boxes[b].to(images.device),
-                                                        None if labels is None else labels[b])
-        n = len(loc_inds)
+        boxes_b = boxes[b].to(images.device)
+        cand, cand_scores, valid, inside = box_location_candidates(
+            scores, all_locs, len(locations[0]), boxes_b, None if labels is None else labels[b],
+            None if pred_boxes is None else pred_boxes[b], candidates)
+        n, k = cand.shape
+        flat_cand = cand[valid]  # row-major: the candidates of box 0 first
         chunks = []
-        for s in range(0, n, _HEAD_CHUNK):
-            sel = loc_inds[s:s + _HEAD_CHUNK]
+        for s in range(0, len(flat_cand), _HEAD_CHUNK):
+            sel = flat_cand[s:s + _HEAD_CHUNK]
             im_inds = torch.full((len(sel),), b, dtype=torch.int64, device=images.device)
             chunks.append(model.mask_head(mask_feats, flat_params[b, sel], im_inds, all_locs[sel], level_of[sel]).float())
-        if chunks:
-            logits = torch.cat(chunks)
-        else:
-            h, w = mask_feats.shape[-2:]
-            f = model.mask_head.feat_stride // model.mask_head.out_stride
+        h, w = mask_feats.shape[-2:]
+        f = model.mask_head.feat_stride // model.mask_head.out_stride
+        if not chunks:
             logits = torch.zeros(0, 1, h * f, w * f, device=images.device)
-        out.append(BoxConditionedMasks(logits, loc_inds, level_of[loc_inds], all_locs[loc_inds], chosen, inside))
+            out.append(BoxConditionedMasks(logits, cand[:, 0], level_of[cand[:, 0]], all_locs[cand[:, 0]],
+                                           cand_scores[:, 0], inside))
+            continue
+        cand_logits = torch.cat(chunks)
+        pick = torch.zeros(n, dtype=torch.int64, device=images.device)
+        if k > 1:
+            # rule 4: the candidate whose mask fits the box best (BoxInst projection term, per candidate)
+            owner = torch.arange(n, device=images.device)[:, None].expand(n, k)[valid]
+            box_masks = box_masks_at_stride(boxes_b.float(), (hp, wp), model.mask_head.out_stride)[owner]
+            fit = torch.full((n, k), float("inf"), device=images.device)
+            fit[valid] = projection_fit(cand_logits[:, 0], box_masks)
+            pick = fit.argmin(1)  # ties keep the better-ranked candidate
+        first = valid.long().cumsum(1) - 1  # position of each valid candidate among the box's valid ones
+        starts = torch.cat([valid.new_zeros(1, dtype=torch.int64), valid.sum(1).cumsum(0)[:-1]])
+        logits = cand_logits[starts + first.gather(1, pick[:, None])[:, 0]]
+        chosen = cand.gather(1, pick[:, None])[:, 0]
+        out.append(BoxConditionedMasks(logits, chosen, level_of[chosen], all_locs[chosen],
+                                       cand_scores.gather(1, pick[:, None])[:, 0], inside))
     return out
+
+
+def projection_fit(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
+    """How badly each mask fits its box: the BoxInst projection dice terms (methods.md §2.3), per mask.
+
+    Args:
+        mask_logits: float ``[K,h,w]`` mask logits at the mask stride.
+        box_masks: float ``[K,h,w]`` 0/1 box masks at the same stride (``box_masks_at_stride``).
+
+    Returns:
+        float32 ``[K]`` in ``[0, 2]``: 0 when the mask's x and y projections equal the box's.
+    """
+    probs = mask_logits.float().sigmoid()
+    target = box_masks.float()
+
+    def dice(x: Tensor, t: Tensor) -> Tensor:
+        return 1.0 - 2.0 * (x * t).sum(1) / ((x * x).sum(1) + (t * t).sum(1) + 1e-5)
+
+    return dice(probs.amax(1), target.amax(1)) + dice(probs.amax(2), target.amax(2))
 
 
 @torch.no_grad()
 def masks_for_boxes(model: CondInst, images: Tensor, image_sizes: list[tuple[int, int]], boxes: list[Tensor],
-                    labels: list[Tensor] | None = None) -> list[Tensor]:
+                    labels: list[Tensor] | None = None, rank: str = "score_iou", candidates: int = 5) -> list[Tensor]:
     """Mask logits for given boxes: float32 ``[N_i,1,Hp/4,Wp/4]`` per image.
 
     The box-conditioned inference of DiscoBox (methods.md §6) for CondInst/BoxInst: the dynamic mask head
@@ -174,4 +273,4 @@ def masks_for_boxes(model: CondInst, images: Tensor, image_sizes: list[tuple[int
     the module docstring). Binarise like :func:`boxmask.modeling.condinst.postprocess` (methods.md §1.7).
     Arguments and errors as :func:`box_conditioned_masks`.
     """
-    return [r.logits for r in box_conditioned_masks(model, images, image_sizes, boxes, labels)]
+    return [r.logits for r in box_conditioned_masks(model, images, image_sizes, boxes, labels, rank, candidates)]

@@ -73,10 +73,10 @@ MODELS = {"boxinst": "boxinst", "condinst": "full"}
 
 
 def git_commit() -> str:
-    """Short commit of the working tree, ``-dirty`` when it has uncommitted changes."""
+    """Short commit of the working tree, ``-dirty`` when it has uncommitted changes (outside ``bench/results``)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"], cwd=ROOT, capture_output=True,
                                text=True).stdout.strip()
         return (sha or "unknown") + ("-dirty" if dirty else "")
     except OSError:

@@ -17,7 +17,7 @@ import yaml
 
 
 #: supervision type → whether it reads ground-truth masks
-SUPERVISION_TYPES = {"boxinst": False, "full": True, "mixed": True}
+SUPERVISION_TYPES = {"boxinst": False, "full": True, "mixed": True, "levelset": False}
 
 
 class ConfigError(ValueError):
@@ -75,6 +75,9 @@ class ModelConfig:
     nms_threshold: float = 0.6
     max_detections: int = 100
     mask_threshold: float = 0.5
+    #: channels of the level-set feature head F_ls (BoxLevelSet: 5; 0 = no head). Required by
+    #: ``supervision.type=levelset``; a conv3x3 on the mask-branch output, upsampled to stride 4
+    level_set_channels: int = 0
 
 
 @dataclass
@@ -82,7 +85,8 @@ class SupervisionConfig:
     """Which mask supervision trains the mask head (methods.md §2)."""
 
     #: "boxinst" (box labels only), "full" (CondInst dice on real masks), "mixed" (dice where an
-    #: annotation has a mask, BoxInst losses where it has only a box)
+    #: annotation has a mask, BoxInst losses where it has only a box), "levelset" (box labels only:
+    #: BoxLevelSet's projection + Chan-Vese energies on the CondInst network)
     type: str = "boxinst"
     pairwise_dilation: int = 2
     color_threshold: float = 0.3
@@ -91,6 +95,12 @@ class SupervisionConfig:
     bottom_pixels_removed: int = 10
     projection_weight: float = 1.0
     pairwise_weight: float = 1.0
+    #: level-set supervision (methods.md §3.3; BoxLevelSet uses projection_weight 3.0)
+    levelset_img_weight: float = 0.05
+    levelset_deep_weight: float = 5.0
+    levelset_length_weight: float = 0.0
+    levelset_low_sigma: float = 0.02
+    levelset_high_sigma: float = 1.0
 
 
 @dataclass
@@ -257,6 +267,9 @@ def validate_config(cfg: Config) -> None:
     """Cross-field checks. Raises :class:`ConfigError`."""
     if cfg.supervision.type not in SUPERVISION_TYPES:
         raise ConfigError(f"supervision.type {cfg.supervision.type!r} unknown; choose from {list(SUPERVISION_TYPES)}")
+    if cfg.supervision.type == "levelset" and cfg.model.level_set_channels <= 0:
+        raise ConfigError("supervision.type=levelset needs the level-set feature head: set model.level_set_channels "
+                          "(BoxLevelSet: 5)")
     if cfg.solver.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"solver.optimizer must be 'sgd' or 'adamw', got {cfg.solver.optimizer!r}")
     if cfg.solver.max_iters <= 0:

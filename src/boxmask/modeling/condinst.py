@@ -173,6 +173,9 @@ class CondInst(nn.Module):
         self.head = FCOSHead(cfg.fpn_channels, num_classes, cfg.head_convs, self.mask_head.num_params,
                              len(self.strides), cfg.prior_prob)
         self.mask_branch = MaskBranch(cfg.fpn_channels, cfg.mask_branch_channels, cfg.mask_branch_convs, cfg.mask_channels)
+        # BoxLevelSet's F_ls head (methods.md §3.1), here on the CondInst mask features; training only
+        self.level_set_head = (nn.Conv2d(cfg.mask_channels, cfg.level_set_channels, 3, padding=1)
+                               if cfg.level_set_channels > 0 else None)
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
         self.ranges = level_ranges(cfg.size_of_interest)
@@ -206,10 +209,16 @@ class CondInst(nn.Module):
         losses = fcos_losses(flat_cls, flatten_levels(bbox_reg), flat_ctr, targets, self.num_classes)
 
         instances = self._sample_instances(flat_cls, flat_ctr, flatten_levels(params), locations, targets, mask_feats)
+        if self.level_set_head is not None:
+            f = self.mask_head.feat_stride // self.mask_head.out_stride
+            instances.level_set_feats = aligned_bilinear(self.level_set_head(mask_feats), f).float()
         mask_losses = supervision.losses(instances, inputs, step)
-        if len(instances) == 0:
-            # keep every parameter in the graph (DDP) when a batch has no positives
+        if len(instances) == 0 or self.level_set_head is not None:
+            # keep every parameter in the graph (DDP) when a batch has no positives or the supervision
+            # does not use the level-set head
             anchor = mask_feats.sum() * 0 + sum(p.sum() for p in params) * 0
+            if instances.level_set_feats is not None:
+                anchor = anchor + instances.level_set_feats.sum() * 0
             mask_losses = {k: v + anchor for k, v in mask_losses.items()}
         losses.update(mask_losses)
         return losses

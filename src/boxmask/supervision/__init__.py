@@ -16,6 +16,10 @@ def build_supervision(cfg: SupervisionConfig) -> MaskSupervision:
         from .full import FullMaskSupervision, MixedSupervision
 
         return FullMaskSupervision(cfg) if cfg.type == "full" else MixedSupervision(cfg)
+    if cfg.type == "levelset":
+        from .levelset import LevelSetSupervision
+
+        return LevelSetSupervision(cfg)
     raise ValueError(f"unknown supervision type {cfg.type!r}")
 
 

@@ -22,6 +22,8 @@ class MaskInstances:
     gt_inds: int64 ``[K]`` index of the assigned GT inside its image.
     labels: int64 ``[K]`` class of the assigned GT.
     stride: int, output stride of ``logits`` in pixels (4).
+    level_set_feats: float ``[B,C_ls,h,w]`` per-image level-set features ``F_ls`` at ``stride``, or
+        None (only models with ``model.level_set_channels > 0`` produce them).
     """
 
     logits: Tensor
@@ -29,6 +31,7 @@ class MaskInstances:
     gt_inds: Tensor
     labels: Tensor
     stride: int = 4
+    level_set_feats: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])

@@ -24,6 +24,7 @@ from .color import _shift_slices, image_validity_masks, lab_color_similarity, ne
 __all__ = [
     "BoxInstSupervision",
     "box_masks_at_stride",
+    "instance_box_masks",
     "pairwise_loss",
     "pairwise_warmup_factor",
     "projection_loss",
@@ -69,6 +70,24 @@ def box_masks_at_stride(boxes: Tensor, padded_hw: tuple[int, int], stride: int =
     in_y = (ys[None, :] >= y1[:, None]) & (ys[None, :] <= y2[:, None])
     in_x = (xs[None, :] >= x1[:, None]) & (xs[None, :] <= x2[:, None])
     return (in_y[:, :, None] & in_x[:, None, :]).to(torch.float32)
+
+
+def instance_box_masks(instances: MaskInstances, inputs: SupervisionInputs) -> Tensor:
+    """Box mask of each sampled instance's GT at the instance stride (:func:`box_masks_at_stride`).
+
+    Args:
+        instances: sampled positives (``im_inds``, ``gt_inds``, ``stride``; logits give the device).
+        inputs: the batch view with per-image ``boxes`` (resized-image pixels) and the padded ``images``.
+
+    Returns:
+        float32 ``[K, Hp/stride, Wp/stride]`` of 0/1 on the logits' device.
+    """
+    device = instances.logits.device
+    counts = torch.tensor([0] + [len(b) for b in inputs.boxes], device=device)
+    offsets = torch.cumsum(counts, 0)[:-1]
+    boxes = torch.cat(inputs.boxes).to(device).float() if inputs.boxes else torch.zeros(0, 4, device=device)
+    box_masks = box_masks_at_stride(boxes, tuple(inputs.images.shape[-2:]), instances.stride)
+    return box_masks[offsets[instances.im_inds] + instances.gt_inds]
 
 
 def _as_khw(mask_logits: Tensor, name: str) -> Tensor:
@@ -303,10 +322,7 @@ class BoxInstSupervision(MaskSupervision):
         used = torch.unique(instances.im_inds)
         similarity = torch.zeros(len(inputs.boxes), 8, padded_hw[0] // stride, padded_hw[1] // stride, device=device)
         similarity[used] = lab_color_similarity(inputs.images[used], valid[used], stride, cfg.pairwise_dilation)
-        counts = torch.tensor([0] + [len(b) for b in inputs.boxes], device=device)
-        offsets = torch.cumsum(counts, 0)[:-1]
-        box_masks = box_masks_at_stride(torch.cat(inputs.boxes).to(device).float(), padded_hw, stride)
-        inst_box_masks = box_masks[offsets[instances.im_inds] + instances.gt_inds]
+        inst_box_masks = instance_box_masks(instances, inputs)
         loss_proj = projection_loss(logits, inst_box_masks)
         loss_pair = pairwise_loss(logits, similarity, inst_box_masks, cfg.color_threshold, cfg.pairwise_dilation,
                                   im_inds=instances.im_inds)

@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import SupervisionConfig
+from .base import MaskInstances, MaskSupervision, SupervisionInputs
+from .boxinst import instance_box_masks, projection_loss
 from .tree_filter import GridTree, grid_mst, tree_filter
 
-__all__ = ["chan_vese_energy", "length_energy", "levelset_loss", "levelset_targets"]
+__all__ = ["LevelSetSupervision", "chan_vese_energy", "length_energy", "levelset_loss", "levelset_targets"]
 
 _MEAN_EPS = 1e-5  # floor of the region areas sum(u_f), sum(u_b) in the mean intensities c1, c2
 
@@ -236,3 +239,54 @@ def levelset_loss(
     if length_weight:
         loss = loss + length_weight * length_energy(probs, box)
     return loss.mean()
+
+
+#: ImageNet mean/std on the 0-255 scale: the reference's input normalisation, used for ``I_img``
+_IMAGENET_MEAN = (123.675, 116.28, 103.53)
+_IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class LevelSetSupervision(MaskSupervision):
+    """BoxLevelSet mask losses on the CondInst network: projection + level-set energies (methods.md §3.3).
+
+    ``loss_proj = projection_weight * projection_loss`` (BoxLevelSet: 3.0) and ``loss_levelset =``
+    :func:`levelset_loss` of the sampled instances, with ``I_img`` the ImageNet-normalised RGB image
+    bilinearly resized to the mask grid (stride 4 of the padded image) and ``F_ls`` the model's
+    level-set head output (``MaskInstances.level_set_feats``, needs ``model.level_set_channels > 0``).
+    Uses boxes and images only (``uses_gt_masks`` False). The trees are built per image per step.
+
+    Raises:
+        ValueError: from :meth:`losses` when the instances carry no ``level_set_feats``.
+    """
+
+    uses_gt_masks = False
+
+    def __init__(self, cfg: SupervisionConfig):
+        self.cfg = cfg
+
+    def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        feats = instances.level_set_feats
+        if feats is None:
+            raise ValueError("levelset supervision needs the level-set feature head: set model.level_set_channels "
+                             "(BoxLevelSet: 5)")
+        logits = instances.logits.float()
+        if len(instances) == 0:
+            zero = logits.sum() * 0 + feats.sum() * 0
+            return {"loss_proj": zero, "loss_levelset": zero}
+        h, w = logits.shape[-2:]
+        mean = torch.tensor(_IMAGENET_MEAN, device=logits.device).view(1, 3, 1, 1)
+        std = torch.tensor(_IMAGENET_STD, device=logits.device).view(1, 3, 1, 1)
+        used = torch.unique(instances.im_inds)
+        # only the images that have instances get a tree; im_inds are remapped onto them
+        remap = torch.full((inputs.images.shape[0],), -1, dtype=torch.long, device=logits.device)
+        remap[used] = torch.arange(len(used), device=logits.device)
+        images = (inputs.images[used].to(logits.device).float() - mean) / std
+        images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+        box_masks = instance_box_masks(instances, inputs)
+        loss_proj = projection_loss(logits, box_masks)
+        loss_ls = levelset_loss(logits, box_masks, images, feats[used], remap[instances.im_inds],
+                                img_weight=cfg.levelset_img_weight, deep_weight=cfg.levelset_deep_weight,
+                                length_weight=cfg.levelset_length_weight, low_sigma=cfg.levelset_low_sigma,
+                                high_sigma=cfg.levelset_high_sigma)
+        return {"loss_proj": cfg.projection_weight * loss_proj, "loss_levelset": loss_ls}

@@ -44,6 +44,11 @@ sample, resized to exactly the stated size with their boxes), it measures, as me
   ``max_detections`` (100) instances a trained model gives on a crowded image, masks pasted at the
   stated size.
 
+* with ``--levelset``: the same network with the level-set head trained by ``supervision.type=levelset``
+  (BoxLevelSet losses, methods.md §3.3): ``levelset_step_s``, ``levelset_loss_path_s`` (MSTs, tree
+  filters, energies and projection, forward + backward), ``levelset_fraction`` (target <= 0.3) and
+  ``levelset_loss_peak_mem_bytes``.
+
 One JSON line per config is printed and appended to ``bench/results/speed.jsonl`` (``--output``).
 Targets of the issue: ``loss_speedup >= 3``, ``loss_mem_ratio <= 0.5``, ``loss_max_rel_diff <= 1e-4``,
 ``loss_fraction < 0.15`` (loss path / step); recorded under ``targets``.
@@ -457,7 +462,8 @@ def build_bench_config(name: str, overrides: Sequence[str] = ()) -> Config:
 
 def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 2, dataset: str | None = None,
                image_size: tuple[int, int] | None = None, batch: int | None = None, overrides: Sequence[str] = (),
-               precision: str = "auto", seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+               precision: str = "auto", seed: int = 0, log: Callable[[str], None] | None = None,
+               levelset: bool = False) -> dict:
     """Run the whole benchmark for one config and return its JSON record (see the module doc).
 
     Args:
@@ -471,6 +477,7 @@ def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 
             ``"bf16"``, ``"fp16"`` for the training-side forward passes. The loss paths always run in fp32.
         seed: model initialisation seed.
         log: progress callback (e.g. ``print`` to stderr); None for silence.
+        levelset: also time the level-set supervision (``levelset_*`` fields, see the module doc).
 
     Raises:
         KeyError / ValueError: unknown config, bad precision or device, too few images.
@@ -639,14 +646,70 @@ def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 
         "commit": git_commit(),
         "date": dt.date.today().isoformat(),
     }
+    if levelset:
+        say(f"[{name}] level-set supervision ...")
+        record.update(levelset_timing(cfg, num_classes, data, inputs, dev, reps, warmup, seed, amp))
     record["targets"] = {
         "loss_speedup>=3": record["loss_speedup"] >= 3.0,
         "loss_mem_ratio<=0.5": record["loss_mem_ratio"] is not None and record["loss_mem_ratio"] <= 0.5,
         "loss_max_rel_diff<=1e-4": record["loss_max_rel_diff"] <= 1e-4,
         "loss_fraction<0.15": record["loss_fraction"] < 0.15,
     }
+    if levelset:
+        record["targets"]["levelset_fraction<=0.3"] = record["levelset_fraction"] <= 0.3
     record["wall_s"] = time.perf_counter() - t_start
     return record
+
+
+def levelset_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.device, reps: int, warmup: int,
+                    seed: int, amp: Callable[[], contextlib.AbstractContextManager]) -> dict:
+    """Training step and loss path with ``supervision.type=levelset`` (BoxLevelSet losses on CondInst).
+
+    Same model with the 5-channel level-set head, projection weight 3.0 (methods.md §3.6). Returns
+    ``levelset_step_s`` (full step), ``levelset_loss_path_s`` (``LevelSetSupervision.losses`` forward +
+    backward on the sampled instances' detached logits and ``F_ls``: MSTs of image and ``F_ls``, two tree
+    filters, energies, projection), ``levelset_fraction`` (their ratio) and ``levelset_loss_peak_mem_bytes``.
+    """
+    from boxmask.supervision.levelset import LevelSetSupervision
+
+    ls_cfg = dataclasses.replace(cfg.model, level_set_channels=5)
+    sup_cfg = dataclasses.replace(cfg.supervision, type="levelset", projection_weight=3.0)
+    torch.manual_seed(seed)
+    model = build_model(ls_cfg, num_classes).to(dev).train()
+    opt = build_optimizer(model, cfg.solver)
+    supervision = LevelSetSupervision(sup_cfg)
+    captured = {}
+
+    def capture(instances, inp, step):
+        captured["inst"] = instances
+        return supervision.losses(instances, inp, step)
+
+    class _Capture:
+        uses_gt_masks = False
+        losses = staticmethod(capture)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            losses = model.training_losses(data.images, inputs, _Capture, step=0)
+        sum(losses.values()).backward()
+        opt.step()
+
+    step()
+    inst = captured["inst"]
+    logits0 = inst.logits.detach().float()
+    feats0 = inst.level_set_feats.detach().float()
+
+    def loss_path():
+        inst.logits = logits0.clone().requires_grad_(True)
+        inst.level_set_feats = feats0.clone().requires_grad_(True)
+        sum(supervision.losses(inst, inputs, 0).values()).backward()
+
+    step_s = time_call(step, dev, reps, warmup)
+    loss_s = time_call(loss_path, dev, reps, warmup)
+    mem, _ = peak_memory_bytes(loss_path, dev)
+    return {"levelset_step_s": step_s, "levelset_loss_path_s": loss_s, "levelset_fraction": loss_s / step_s,
+            "levelset_loss_peak_mem_bytes": mem}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -665,6 +728,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted config override applied to every config (repeatable)")
+    ap.add_argument("--levelset", action="store_true",
+                    help="also time the level-set supervision (BoxLevelSet losses on the same network)")
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON-lines file to append to")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -676,7 +741,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.configs:
         rec = run_config(name, device=args.device, reps=args.reps, warmup=args.warmup, dataset=args.dataset,
                          image_size=image_size, batch=args.batch, overrides=args.overrides, precision=args.precision,
-                         log=lambda m: print(m, file=sys.stderr, flush=True))
+                         log=lambda m: print(m, file=sys.stderr, flush=True), levelset=args.levelset)
         line = json.dumps(rec)
         print(line, flush=True)
         with out.open("a") as f:

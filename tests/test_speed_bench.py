@@ -47,7 +47,7 @@ def _loss_inputs(model_mode: str = "train"):
 def test_benchmark_writes_issue_fields_and_paths_agree(tmp_path):
     out = tmp_path / "speed.jsonl"
     records = speed.main(["--configs", "lite0", "--image-size", "128", "--reps", "1", "--warmup", "0",
-                          "--dataset", "sample", "--device", "cpu", "--threads", "1", "--output", str(out),
+                          "--dataset", "sample", "--device", "cpu", "--threads", "1", "--output", str(out), "--levelset",
                           *[a for o in TINY for a in ("--set", o)]])
     lines = out.read_text().splitlines()
     assert len(records) == 1 and len(lines) == 1
@@ -68,7 +68,7 @@ def test_benchmark_writes_issue_fields_and_paths_agree(tmp_path):
     assert rec["loss_mem_ratio"] == pytest.approx(rec["loss_peak_mem_bytes"] / rec["ref_loss_peak_mem_bytes"])
     assert rec["mem_method"] == "torch_profiler_cpu_allocator_events"
     # the reference path keeps several [K, 8, h, w] float tensors alive (unfold copies, edge weights);
-    # ours keeps one (the per-instance similarity) plus [K, h, w] temporaries. Memory is deterministic.
+    # ours keeps the per-image similarity plus [K, h, w] temporaries. Memory is deterministic.
     k, (h, w) = rec["num_instances"], rec["mask_size"]
     assert rec["ref_loss_peak_mem_bytes"] >= 4 * (k * 8 * h * w * 4)
     assert rec["loss_peak_mem_bytes"] < 3 * (k * 8 * h * w * 4)
@@ -79,7 +79,9 @@ def test_benchmark_writes_issue_fields_and_paths_agree(tmp_path):
     assert rec["infer_detections_per_img"] == 100  # score threshold 0: the max_detections cap
     assert rec["commit"] and len(rec["date"]) == 10
     assert set(rec["targets"]) == {"loss_speedup>=3", "loss_mem_ratio<=0.5", "loss_max_rel_diff<=1e-4",
-                                   "loss_fraction<0.15"}
+                                   "loss_fraction<0.15", "levelset_fraction<=0.3"}
+    assert rec["levelset_step_s"] > 0 and rec["levelset_loss_path_s"] > 0 and rec["levelset_loss_peak_mem_bytes"] > 0
+    assert rec["levelset_fraction"] == pytest.approx(rec["levelset_loss_path_s"] / rec["levelset_step_s"])
 
 
 def test_paths_agree_on_varied_logits():

@@ -242,7 +242,7 @@ def test_build_supervision_types():
 
 def test_full_supervision_reads_the_real_masks(tmp_path):
     """The opposite of the box-supervised guarantee: garbage masks change loss_mask (and nothing else)."""
-    from test_training import _sample_batch, tiny_cfg
+    from test_training import _sample_batch, tiny_cfg, with_garbage_masks
 
     from boxmask.engine.module import BoxMaskModule, supervision_inputs
 
@@ -252,10 +252,7 @@ def test_full_supervision_reads_the_real_masks(tmp_path):
     assert isinstance(module.supervision, FullMaskSupervision)
     module.model.eval()  # fixed BN statistics so two forward passes are comparable
     batch = _sample_batch(load_masks=True)
-    garbage = copy.deepcopy(batch)
-    g = torch.Generator().manual_seed(1)
-    for t in garbage.targets:
-        t["masks"] = torch.rand(t["masks"].shape, generator=g) > 0.5
+    garbage = with_garbage_masks(batch)
     losses = []
     with torch.no_grad():
         for b in (batch, garbage):

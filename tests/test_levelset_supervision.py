@@ -1,8 +1,6 @@
 """Level-set supervision (BoxLevelSet losses) on the CondInst network: box-only, trains every part
 it should, and runs through the training driver and checkpoint reload."""
 
-import copy
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from boxmask.engine.module import BoxMaskModule, supervision_inputs
 from boxmask.engine.train import train
 from boxmask.supervision import build_supervision
 from boxmask.supervision.levelset import LevelSetSupervision
-from test_training import _sample_batch, tiny_cfg
+from test_training import _sample_batch, tiny_cfg, with_garbage_masks
 
 LEVELSET = ["supervision.type=levelset", "model.level_set_channels=5", "supervision.projection_weight=3.0"]
 
@@ -30,10 +28,7 @@ def test_levelset_losses_ignore_gt_masks_and_train_mask_and_level_set_heads(tmp_
     module = BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
     module.model.eval()  # fixed BN statistics so two forward passes are comparable
     batch = _sample_batch(load_masks=True)
-    garbage = copy.deepcopy(batch)
-    g = torch.Generator().manual_seed(1)
-    for t in garbage.targets:
-        t["masks"] = torch.rand(t["masks"].shape, generator=g) > 0.5
+    garbage = with_garbage_masks(batch)
     results = []
     for b in (batch, garbage):
         inputs = supervision_inputs(b, module.supervision.uses_gt_masks)

@@ -41,6 +41,17 @@ def _sample_batch(load_masks: bool):
     return collate_batch([ds[0], ds[1]])
 
 
+def with_garbage_masks(batch, flip_has_mask: bool = False):
+    """A deep copy of ``batch`` whose GT masks are random noise (and ``has_mask`` flipped if asked)."""
+    garbage = copy.deepcopy(batch)
+    g = torch.Generator().manual_seed(1)
+    for t in garbage.targets:
+        t["masks"] = torch.rand(t["masks"].shape, generator=g) > 0.5
+        if flip_has_mask:
+            t["has_mask"] = ~t["has_mask"]
+    return garbage
+
+
 def test_box_supervision_never_reads_gt_masks(tmp_path):
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
@@ -48,11 +59,7 @@ def test_box_supervision_never_reads_gt_masks(tmp_path):
     module.model.eval()  # fixed BN statistics so two forward passes are comparable
     batch = _sample_batch(load_masks=True)
     assert batch.targets[0]["masks"].any(), "the real masks were loaded"
-    garbage = copy.deepcopy(batch)
-    g = torch.Generator().manual_seed(1)
-    for t in garbage.targets:
-        t["masks"] = torch.rand(t["masks"].shape, generator=g) > 0.5
-        t["has_mask"] = ~t["has_mask"]
+    garbage = with_garbage_masks(batch, flip_has_mask=True)
     losses = []
     for b in (batch, garbage):
         inputs = supervision_inputs(b, module.supervision.uses_gt_masks)

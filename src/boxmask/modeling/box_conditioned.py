@@ -35,7 +35,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from .condinst import CondInst
-from ..supervision.boxinst import box_masks_at_stride
+from ..supervision.boxinst import box_masks_at_stride, projection_terms
 from .fcos import flatten_levels
 
 __all__ = ["BoxConditionedMasks", "LOCATION_RANKS", "box_location_candidates", "projection_fit", "select_box_locations", "box_conditioned_masks", "masks_for_boxes"]
@@ -235,9 +235,10 @@ def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tup
             fit = torch.full((n, k), float("inf"), device=images.device)
             fit[valid] = projection_fit(cand_logits[:, 0], box_masks)
             pick = fit.argmin(1)  # ties keep the better-ranked candidate
-        first = valid.long().cumsum(1) - 1  # position of each valid candidate among the box's valid ones
-        starts = torch.cat([valid.new_zeros(1, dtype=torch.int64), valid.sum(1).cumsum(0)[:-1]])
-        logits = cand_logits[starts + first.gather(1, pick[:, None])[:, 0]]
+        # valid candidates are a prefix of each row (ranked best first), so box i's pick-th one sits at
+        # (valid candidates of boxes < i) + pick in cand_logits
+        starts = valid.sum(1).cumsum(0) - valid.sum(1)
+        logits = cand_logits[starts + pick]
         chosen = cand.gather(1, pick[:, None])[:, 0]
         out.append(BoxConditionedMasks(logits, chosen, level_of[chosen], all_locs[chosen],
                                        cand_scores.gather(1, pick[:, None])[:, 0], inside))
@@ -254,13 +255,7 @@ def projection_fit(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
     Returns:
         float32 ``[K]`` in ``[0, 2]``: 0 when the mask's x and y projections equal the box's.
     """
-    probs = mask_logits.float().sigmoid()
-    target = box_masks.float()
-
-    def dice(x: Tensor, t: Tensor) -> Tensor:
-        return 1.0 - 2.0 * (x * t).sum(1) / ((x * x).sum(1) + (t * t).sum(1) + 1e-5)
-
-    return dice(probs.amax(1), target.amax(1)) + dice(probs.amax(2), target.amax(2))
+    return projection_terms(mask_logits, box_masks)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ __all__ = [
     "pairwise_loss",
     "pairwise_warmup_factor",
     "projection_loss",
+    "projection_terms",
 ]
 
 _DICE_EPS = 1e-5
@@ -126,18 +127,37 @@ def projection_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
     Raises:
         ValueError: on shape mismatch.
     """
+    terms = projection_terms(mask_logits, box_masks)
+    if terms.shape[0] == 0:
+        return mask_logits.sum().to(terms.dtype) * 0.0
+    return terms.mean()
+
+
+def projection_terms(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
+    """Per-instance projection term ``dice(max_y p, max_y B) + dice(max_x p, max_x B)`` (methods.md §2.3).
+
+    :func:`projection_loss` is its mean; box-conditioned inference ranks candidate masks by it.
+
+    Args:
+        mask_logits: ``[K, 1, h, w]`` or ``[K, h, w]`` mask logits, any float dtype.
+        box_masks: ``[K, h, w]`` 0/1 box masks.
+
+    Returns:
+        float32 ``[K]`` in ``[0, 2]`` (float64 for float64 logits).
+
+    Raises:
+        ValueError: on shape mismatch.
+    """
     logits = _as_khw(mask_logits, "projection_loss")
     if box_masks.shape != logits.shape:
         raise ValueError(
             f"projection_loss: box_masks shape {tuple(box_masks.shape)} != mask logits {tuple(logits.shape)}"
         )
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
     probs = logits.sigmoid()
     target = box_masks.to(logits.dtype)
     loss_x = _dice_loss(probs.amax(dim=1), target.amax(dim=1))  # projection onto the x axis
     loss_y = _dice_loss(probs.amax(dim=2), target.amax(dim=2))  # projection onto the y axis
-    return (loss_x + loss_y).mean()
+    return loss_x + loss_y
 
 
 def _channel(similarity: Tensor, k: int, im_inds: Tensor | None) -> Tensor:

@@ -5,11 +5,13 @@ in two tracks on its val split, in one run.
   ``supervision.type=full``) with the same model, schedule and seed on the train split; evaluate both
   (mask AP, box AP) plus BoxInst's own detections with their boxes filled as masks
   (``boxinst_boxfill``, which isolates what the mask head adds).
-  Methods: ``boxinst``, ``condinst``, ``boxinst_boxfill``.
+  Methods: ``boxinst``, ``condinst``, ``boxinst_boxfill``; ``boxlevelset`` and ``boxlevelset_boxfill``
+  train BoxLevelSet (SOLOv2-style network + level-set supervision, recipe
+  ``boxlevelset_effnet-lite0_fpn_nuts``: AdamW) on the same data, schedule length, backbone and seed.
 * ``boxes_given``: the ground-truth boxes are the input (as when a user annotates a box-labelled
   dataset) and every box gets one mask: the filled GT box (``filled_box``), OpenCV GrabCut initialised
   with the box (``grabcut``, 5 iterations), and ``boxmask annotate`` with the trained BoxInst
-  (``boxinst_annotate``) and CondInst (``condinst_annotate``). Mask AP (all scores 1.0) and the mean
+  (``boxinst_annotate``), CondInst (``condinst_annotate``) and BoxLevelSet (``boxlevelset_annotate``). Mask AP (all scores 1.0) and the mean
   IoU of each mask with the GT mask of its box (``mean_mask_IoU``). ``--grabcut-max-images N`` runs
   the whole track on the first N val images (JSON order), since GrabCut costs 0.2–0.8 s per instance
   on a CPU core.
@@ -24,7 +26,7 @@ training budget, also on rows of untrained methods), ``batch_size``, ``max_dets`
 ``mask_AP50``, ``mask_AP75``, ``mask_APs/m/l``, ``box_AP``, ``box_AP50`` (COCO 0–100; box AP null in
 the boxes-given track where the boxes are the GT), ``mean_mask_IoU`` (boxes-given rows, in percent
 0–100 like the APs; null otherwise), ``ratio_box_over_mask`` (mask AP of the box-supervised model over
-the mask-supervised one: on ``boxinst`` and ``boxinst_annotate``; null otherwise), ``images`` and
+the mask-supervised one: on ``boxinst``, ``boxlevelset`` and their ``_annotate`` rows; null otherwise), ``images`` and
 ``instances`` evaluated, ``box_fallbacks`` (boxes-given masks that fell back to the filled box),
 ``location_rank`` (annotate rows: ``--location-rank``), ``device`` (where the method ran), ``wall_s`` (end to end: training + val evaluation; boxes given: making
 the masks, without training), ``train_wall_s`` (annotate rows: training of their model), ``commit``,
@@ -67,9 +69,18 @@ METHODS = {
     "grabcut": ("boxes_given", "none", None),
     "boxinst_annotate": ("boxes_given", "box", "boxinst"),
     "condinst_annotate": ("boxes_given", "mask", "condinst"),
+    "boxlevelset": ("end_to_end", "box", "boxlevelset"),
+    "boxlevelset_boxfill": ("end_to_end", "box", "boxlevelset"),
+    "boxlevelset_annotate": ("boxes_given", "box", "boxlevelset"),
 }
-#: trained model → supervision.type
-MODELS = {"boxinst": "boxinst", "condinst": "full"}
+#: trained model → (packaged recipe, recipe overrides); the run's data/schedule overrides apply to all
+MODELS = {
+    "boxinst": ("boxinst_effnet-lite0_fpn_nuts", ["supervision.type=boxinst"]),
+    "condinst": ("boxinst_effnet-lite0_fpn_nuts", ["supervision.type=full"]),
+    "boxlevelset": ("boxlevelset_effnet-lite0_fpn_nuts", []),
+}
+#: methods whose rows are the model's detections with their boxes filled
+BOXFILL = {"boxinst_boxfill", "boxlevelset_boxfill"}
 
 
 def git_commit() -> str:
@@ -260,19 +271,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- trainings (one per supervision some selected method needs)
     cfgs, trained = {}, {}
-    for kind, sup_type in MODELS.items():
+    for kind, (recipe, recipe_overrides) in MODELS.items():
         if not any(METHODS[m][2] == kind for m in methods):
             continue
         evaluate = any(METHODS[m][2] == kind and METHODS[m][0] == "end_to_end" for m in methods)
-        cfgs[kind] = load_config("boxinst_effnet-lite0_fpn_nuts", overrides + [
-            f"supervision.type={sup_type}", f"trainer.output_dir={out / kind}", f"trainer.eval_after_train={evaluate}"])
-        print(f"== training {kind} (supervision.type={sup_type}) → {out / kind}")
+        cfgs[kind] = load_config(recipe, recipe_overrides + overrides + [
+            f"trainer.output_dir={out / kind}", f"trainer.eval_after_train={evaluate}"])
+        print(f"== training {kind} ({recipe}, model.arch={cfgs[kind].model.arch}, "
+              f"supervision.type={cfgs[kind].supervision.type}) → {out / kind}")
         trained[kind] = train_or_reuse(cfgs[kind], args.reuse)
 
     rows: list[dict] = []
     # ---- end to end
     e2e = {}
-    for kind in ("boxinst", "condinst"):
+    for kind in MODELS:
         if kind in trained and any(METHODS[m][2] == kind and METHODS[m][0] == "end_to_end" for m in methods):
             e2e[kind] = ensure_metrics(trained[kind], cfgs[kind], device)
     val_data = json.loads(val_json.read_text())
@@ -281,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in [m for m in methods if METHODS[m][0] == "end_to_end"]:
         _, supervision, kind = METHODS[method]
         metrics = e2e[kind]
-        segm = metrics["boxfill"]["segm"] if method == "boxinst_boxfill" else metrics["model"]["segm"]
+        segm = metrics["boxfill"]["segm"] if method in BOXFILL else metrics["model"]["segm"]
         row = dict(base, track="end_to_end", method=method, supervision=supervision, **_ap_fields(segm, metrics["model"]["bbox"]),
                    **empty, images=n_val, instances=n_val_instances, device=device_name(cpu=not use_cuda),
                    wall_s=round(trained[kind]["wall_s"], 1), config=str(out / kind / "config.yaml"))
-        if method == "boxinst" and "condinst" in e2e:
+        if method in ("boxinst", "boxlevelset") and "condinst" in e2e:
             row["ratio_box_over_mask"] = _ratio(segm["AP"], e2e["condinst"]["model"]["segm"]["AP"])
         rows.append(row)
 
@@ -337,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                        wall_s=round(wall, 1), config=str(out / kind / "config.yaml") if kind else None)
             by_method[method] = row
             rows.append(row)
-        if "boxinst_annotate" in by_method and "condinst_annotate" in by_method:
-            by_method["boxinst_annotate"]["ratio_box_over_mask"] = _ratio(by_method["boxinst_annotate"]["mask_AP"],
-                                                                          by_method["condinst_annotate"]["mask_AP"])
+        for boxed in ("boxinst_annotate", "boxlevelset_annotate"):
+            if boxed in by_method and "condinst_annotate" in by_method:
+                by_method[boxed]["ratio_box_over_mask"] = _ratio(by_method[boxed]["mask_AP"],
+                                                                 by_method["condinst_annotate"]["mask_AP"])
 
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,10 +46,20 @@ class DataConfig:
     check_images: bool = True
 
 
+#: model architectures: CondInst (FCOS + dynamic mask head, methods.md §1) and SOLOv2 (BoxLevelSet, §3.1)
+ARCHITECTURES = ("condinst", "solov2")
+
+
 @dataclass
 class ModelConfig:
-    """CondInst = backbone ► FPN P3–P7 ► FCOS head + mask branch + dynamic mask head (methods.md §1)."""
+    """CondInst = backbone ► FPN P3–P7 ► FCOS head + mask branch + dynamic mask head (methods.md §1);
+    ``arch: solov2`` = backbone ► FPN P2–P6 ► SOLOv2 category/kernel branches + unified mask features
+    (BoxLevelSet, methods.md §3.1). Fields marked "solov2" apply to that architecture only; for it
+    ``mask_branch_channels``/``mask_channels`` are the mask-feature branch's inner/output channels (the
+    output is also the dynamic kernel dimension) and ``head_convs`` the branch depth."""
 
+    #: "condinst" or "solov2"
+    arch: str = "condinst"
     backbone: str = "resnet50"
     #: "imagenet", a local file path, or "none" (random init).
     backbone_weights: str = "imagenet"
@@ -78,6 +88,18 @@ class ModelConfig:
     #: channels of the level-set feature head F_ls (BoxLevelSet: 5; 0 = no head). Required by
     #: ``supervision.type=levelset``; a conv3x3 on the mask-branch output, upsampled to stride 4
     level_set_channels: int = 0
+    #: solov2: channels of the category/kernel branches (512 in the reference)
+    solo_head_channels: int = 512
+    #: solov2: grid number S per level P2..P6
+    solo_grids: list[int] = field(default_factory=lambda: [40, 36, 24, 16, 12])
+    #: solov2: inclusive sqrt(w*h) range per level, pixels of the resized image
+    solo_scale_ranges: list[list[float]] = field(
+        default_factory=lambda: [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]])
+    #: solov2: centre-region scale (SOLO's epsilon)
+    solo_sigma: float = 0.2
+    #: solov2: Matrix NMS gaussian kernel sigma and the score kept after the decay
+    matrix_nms_sigma: float = 2.0
+    matrix_nms_filter: float = 0.025
 
 
 @dataclass
@@ -267,6 +289,17 @@ def validate_config(cfg: Config) -> None:
     """Cross-field checks. Raises :class:`ConfigError`."""
     if cfg.supervision.type not in SUPERVISION_TYPES:
         raise ConfigError(f"supervision.type {cfg.supervision.type!r} unknown; choose from {list(SUPERVISION_TYPES)}")
+    if cfg.model.arch not in ARCHITECTURES:
+        raise ConfigError(f"model.arch {cfg.model.arch!r} unknown; choose from {list(ARCHITECTURES)}")
+    if cfg.model.arch == "solov2":
+        m = cfg.model
+        if len(m.solo_grids) != 5 or len(m.solo_scale_ranges) != 5:
+            raise ConfigError(f"model.solo_grids and model.solo_scale_ranges need one entry per level P2..P6 (5), got "
+                              f"{len(m.solo_grids)} and {len(m.solo_scale_ranges)}")
+        if any(len(r) != 2 or not 0 <= r[0] <= r[1] for r in m.solo_scale_ranges):
+            raise ConfigError(f"model.solo_scale_ranges must be [lo, hi] pairs with 0 <= lo <= hi, got {m.solo_scale_ranges}")
+        if any(g < 1 for g in m.solo_grids):
+            raise ConfigError(f"model.solo_grids must be positive, got {m.solo_grids}")
     if cfg.supervision.type == "levelset" and cfg.model.level_set_channels <= 0:
         raise ConfigError("supervision.type=levelset needs the level-set feature head: set model.level_set_channels "
                           "(BoxLevelSet: 5)")

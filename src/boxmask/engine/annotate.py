@@ -262,7 +262,7 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
     todo = [i for i, iid in enumerate(dataset.image_ids) if iid not in done]
     loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=make_collate(cfg.data.size_divisibility))
-    out_stride = model.mask_head.out_stride
+    out_stride = model.mask_out_stride
     threshold = cfg.model.mask_threshold
     bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), desc="annotate", unit="img", disable=not progress)
     since_sync = 0

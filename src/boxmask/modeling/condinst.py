@@ -180,6 +180,11 @@ class CondInst(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
         self.ranges = level_ranges(cfg.size_of_interest)
 
+    @property
+    def mask_out_stride(self) -> int:
+        """Stride in pixels of the mask logits of :meth:`detect` and box-conditioned inference (4)."""
+        return self.mask_head.out_stride
+
     # ------------------------------------------------------------------ shared
     def _forward_features(self, images: Tensor):
         x = (images.float() - self.pixel_mean) / self.pixel_std
@@ -311,6 +316,16 @@ def postprocess(det: Detections, mask_logits: Tensor, image_size: tuple[int, int
     return InstancePredictions(boxes, det.scores, det.labels, masks)
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> CondInst:
-    """The network for a recipe (CondInst for BoxInst/CondInst recipes)."""
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The network of a recipe: :class:`CondInst` (``model.arch: condinst``, BoxInst/CondInst recipes) or
+    :class:`~boxmask.modeling.solov2.SOLOv2` (``model.arch: solov2``, BoxLevelSet recipes).
+
+    Raises ValueError for an unknown ``cfg.arch`` or ``num_classes < 1``.
+    """
+    if cfg.arch == "solov2":
+        from .solov2 import SOLOv2
+
+        return SOLOv2(cfg, num_classes)
+    if cfg.arch != "condinst":
+        raise ValueError(f"unknown model.arch {cfg.arch!r}")
     return CondInst(cfg, num_classes)

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-__all__ = ["FPN"]
+__all__ = ["FPN", "SOLOFPN"]
 
 
 class FPN(nn.Module):
@@ -72,4 +72,52 @@ class FPN(nn.Module):
             if feat.dim() != 4 or feat.shape[1] != channels:
                 raise ValueError(f"FPN input C{level}: expected [B,{channels},H,W], got {tuple(feat.shape)}")
         named = OrderedDict((f"c{level}", feat) for level, feat in enumerate(features, start=3))
+        return list(self.fpn(named).values())
+
+
+class SOLOFPN(nn.Module):
+    """FPN P2-P6 on C2-C5 for SOLOv2 / BoxLevelSet (methods.md §3.1; Wang et al., SOLOv2, NeurIPS 2020).
+
+    Lateral 1x1 convs, top-down nearest upsampling and 3x3 output convs give P2-P5 (strides 4-32,
+    ``start_level=0``); ``P6 = max_pool2d(P5, kernel 1, stride 2)`` (mmdet ``num_outs=5`` without extra
+    convs). Built from :class:`torchvision.ops.FeaturePyramidNetwork` with
+    :class:`torchvision.ops.feature_pyramid_network.LastLevelMaxPool`.
+
+    Args:
+        in_channels: channels of C2, C3, C4, C5 (four positive ints, e.g. ``Backbone.out_channels`` of a
+            backbone built ``with_c2=True``).
+        out_channels: channels of every P level (256 in the reference).
+
+    Attributes:
+        strides: ``[4, 8, 16, 32, 64]`` pixels, for P2..P6.
+
+    Raises:
+        ValueError: ``in_channels`` is not four positive ints, or ``out_channels`` < 1.
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int = 256) -> None:
+        super().__init__()
+        in_channels = list(in_channels)
+        if len(in_channels) != 4 or not all(isinstance(c, int) and c > 0 for c in in_channels):
+            raise ValueError(f"SOLOFPN expects the channels of C2, C3, C4, C5 (four positive ints), got {in_channels}")
+        if not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"SOLOFPN out_channels must be a positive int, got {out_channels!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.strides = [4, 8, 16, 32, 64]
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """``[C2, C3, C4, C5]`` (float ``[B, in_channels[i], H/s, W/s]``, s = 4, 8, 16, 32) →
+        ``[P2, ..., P6]`` float ``[B, out_channels, ., .]``; P6 is ``ceil`` half of P5.
+
+        Raises:
+            ValueError: not four 4-D maps, or a channel count differs from ``in_channels``.
+        """
+        if len(features) != 4:
+            raise ValueError(f"SOLOFPN expects [C2, C3, C4, C5], got {len(features)} feature maps")
+        for level, (feat, channels) in enumerate(zip(features, self.in_channels), start=2):
+            if feat.dim() != 4 or feat.shape[1] != channels:
+                raise ValueError(f"SOLOFPN input C{level}: expected [B,{channels},H,W], got {tuple(feat.shape)}")
+        named = OrderedDict((f"c{level}", feat) for level, feat in enumerate(features, start=2))
         return list(self.fpn(named).values())

@@ -1,0 +1,220 @@
+"""SOLOv2-style network of BoxLevelSet: shapes, target/loss plumbing, box-only training, Matrix NMS
+inference and box-conditioned masks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from boxmask.config import ConfigError, load_config
+from boxmask.engine.module import BoxMaskModule, supervision_inputs
+from boxmask.modeling.box_conditioned import box_conditioned_masks
+from boxmask.modeling.condinst import build_model
+from boxmask.modeling.fpn import SOLOFPN
+from boxmask.modeling.solo_targets import solo_targets
+from boxmask.modeling.solov2 import SOLOv2, coord_features, point_nms
+from boxmask.supervision.base import MaskSupervision, SupervisionInputs
+from test_training import TINY, _sample_batch, with_garbage_masks
+
+SOLO = ["model.arch=solov2", "model.solo_head_channels=32", "model.mask_channels=16", "model.level_set_channels=5",
+        "supervision.type=levelset", "supervision.projection_weight=3.0"]
+
+
+def solo_cfg(tmp_path, *extra):
+    return load_config("boxinst_effnet-lite0_fpn_dsb2018-sample", TINY + SOLO + [f"trainer.output_dir={tmp_path}", *extra])
+
+
+def test_config_checks_the_architecture(tmp_path):
+    with pytest.raises(ConfigError, match="model.arch"):
+        solo_cfg(tmp_path, "model.arch=yolo")
+    with pytest.raises(ConfigError, match="solo_grids"):
+        solo_cfg(tmp_path, "model.solo_grids=[40,36]")
+    with pytest.raises(ConfigError, match="solo_scale_ranges"):
+        solo_cfg(tmp_path, "model.solo_scale_ranges=[[1,96],[48,192],[96,384],[192,768],[2048,384]]")
+    assert isinstance(build_model(solo_cfg(tmp_path).model, 2), SOLOv2)
+
+
+def test_fpn_heads_and_mask_features_shapes(tmp_path):
+    fpn = SOLOFPN([8, 16, 24, 32], 16)
+    feats = [torch.randn(2, c, 64 // s, 96 // s) for c, s in zip([8, 16, 24, 32], [1, 2, 4, 8])]
+    p = fpn(feats)
+    assert [tuple(x.shape[-2:]) for x in p] == [(64, 96), (32, 48), (16, 24), (8, 12), (4, 6)]
+    with pytest.raises(ValueError, match="C2, C3, C4, C5"):
+        fpn(feats[1:])
+    model = SOLOv2(solo_cfg(tmp_path).model, 3)
+    cates, kernels, mask_feats = model._forward_features(torch.zeros(2, 3, 128, 160, dtype=torch.uint8))
+    assert [tuple(c.shape) for c in cates] == [(2, 3, s, s) for s in (40, 36, 24, 16, 12)]
+    assert [tuple(k.shape) for k in kernels] == [(2, 16, s, s) for s in (40, 36, 24, 16, 12)]
+    assert tuple(mask_feats.shape) == (2, 16, 32, 40)  # stride 4
+    # focal prior on the category logits
+    assert torch.allclose(cates[0].sigmoid().mean(), torch.tensor(0.01), atol=5e-3)
+
+
+def test_coord_features_and_point_nms():
+    c = coord_features(torch.zeros(1, 4, 3, 5))
+    assert c.shape == (1, 2, 3, 5)
+    assert torch.equal(c[0, 0, 0], torch.linspace(-1, 1, 5)) and torch.equal(c[0, 1, :, 0], torch.linspace(-1, 1, 3))
+    heat = torch.tensor([[[[0.1, 0.9, 0.2], [0.3, 0.5, 0.8], [0.1, 0.1, 0.1]]]])
+    # a cell survives where it is the max of the 2x2 window ending at it (its upper-left neighbours)
+    kept = point_nms(heat)
+    expected = torch.tensor([[[[0.1, 0.9, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.0]]]])  # 0.8 sees 0.9
+    assert torch.equal(kept, expected)
+
+
+class _Recorder(MaskSupervision):
+    """Records the instance groups it is called with; loss = number of instances in the group."""
+
+    def __init__(self):
+        self.calls = []
+
+    def losses(self, instances, inputs, step):
+        self.calls.append((instances.stride, instances.im_inds.clone(), instances.gt_inds.clone(),
+                           tuple(instances.logits.shape)))
+        return {"loss_count": instances.logits.sum() * 0 + float(len(instances))}
+
+
+def test_positives_are_grouped_by_mask_stride_and_losses_weighted_by_count(tmp_path):
+    torch.manual_seed(0)
+    model = SOLOv2(solo_cfg(tmp_path).model, 2)
+    images = torch.zeros(2, 3, 256, 256, dtype=torch.uint8)
+    boxes = [torch.tensor([[10.0, 10, 60, 60], [100, 100, 250, 230]]), torch.tensor([[30.0, 40, 200, 220]])]
+    labels = [torch.tensor([0, 1]), torch.tensor([1])]
+    inputs = SupervisionInputs(images, [(256, 256)] * 2, [(256, 256)] * 2, boxes, labels)
+    rec = _Recorder()
+    losses = model.training_losses(images, inputs, rec, 0)
+    expected = {}
+    for b in range(2):
+        for level, t in enumerate(solo_targets(boxes[b], labels[b], (256, 256), 2)):
+            stride = (4, 4, 8, 16, 16)[level]
+            if len(t.pos_gt_inds):
+                expected.setdefault(stride, []).extend((b, int(g)) for g in t.pos_gt_inds)
+    seen = {s: sorted(zip(im.tolist(), gt.tolist())) for s, im, gt, _ in rec.calls}
+    assert len(seen) >= 2, "the boxes should reach two mask strides"
+    assert seen == {s: sorted(v) for s, v in expected.items()}
+    for s, _, _, shape in rec.calls:
+        assert shape[1:] == (1, 256 // s, 256 // s)
+    sizes = [len(v) for v in expected.values()]
+    assert losses["loss_count"].item() == pytest.approx(sum(k * k for k in sizes) / sum(sizes))
+    assert losses["loss_cls"].item() > 0
+
+
+def test_downsampled_mask_features_give_downsampled_logits(tmp_path):
+    """Why the training masks at strides 8/16 are taken from resized F_mask: the 1x1 kernel is linear."""
+    feats = torch.randn(8, 32, 48, dtype=torch.float64)
+    kernels = torch.randn(5, 8, dtype=torch.float64)
+    full = SOLOv2._masks(kernels, feats)
+    small = SOLOv2._masks(kernels, F.interpolate(feats[None], size=(8, 12), mode="bilinear", align_corners=False)[0])
+    assert torch.allclose(small, F.interpolate(full[None], size=(8, 12), mode="bilinear", align_corners=False)[0])
+
+
+def test_levelset_training_ignores_gt_masks_and_reaches_every_parameter(tmp_path):
+    cfg = solo_cfg(tmp_path)
+    torch.manual_seed(0)
+    module = BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
+    module.model.eval()
+    batch = _sample_batch(load_masks=True)
+    garbage = with_garbage_masks(batch)
+    results = []
+    for b in (batch, garbage):
+        inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
+        assert inputs.masks is None
+        results.append(module.model.training_losses(b.images, inputs, module.supervision, 5))
+    assert {k: v.item() for k, v in results[0].items()} == {k: v.item() for k, v in results[1].items()}
+    losses = results[0]
+    assert set(losses) == {"loss_cls", "loss_proj", "loss_levelset"}
+    assert all(torch.isfinite(v) and v.item() > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    missing = [n for n, p in module.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert module.model.level_set_head.weight.grad.abs().sum() > 0
+    assert module.model.head.kernel_pred.weight.grad.abs().sum() > 0
+    assert module.model.head.cate_pred.weight.grad.abs().sum() > 0
+
+
+def test_boxinst_supervision_also_trains_the_solov2_network(tmp_path):
+    cfg = solo_cfg(tmp_path, "supervision.type=boxinst")
+    module = BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
+    batch = _sample_batch(load_masks=False)
+    losses = module.model.training_losses(batch.images, supervision_inputs(batch, False), module.supervision, 5)
+    assert {"loss_cls", "loss_proj", "loss_pairwise"} <= set(losses)
+    sum(losses.values()).backward()
+
+
+def test_image_without_boxes_gives_zero_mask_losses(tmp_path):
+    model = SOLOv2(solo_cfg(tmp_path).model, 1)
+    from boxmask.supervision import build_supervision
+
+    sup = build_supervision(solo_cfg(tmp_path).supervision)
+    images = torch.zeros(1, 3, 128, 128, dtype=torch.uint8)
+    inputs = SupervisionInputs(images, [(128, 128)], [(128, 128)], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)])
+    losses = model.training_losses(images, inputs, sup, 0)
+    assert losses["loss_proj"].item() == 0 and losses["loss_levelset"].item() == 0 and losses["loss_cls"].item() > 0
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _crafted(tmp_path, monkeypatch, mask_feats, cells):
+    """A SOLOv2 whose features are replaced: ``cells`` = {(level, i, j): (class, logit, kernel)}."""
+    cfg = solo_cfg(tmp_path, "model.mask_channels=2", "model.mask_threshold=0.5", "model.score_threshold=0.1")
+    model = SOLOv2(cfg.model, 2).eval()
+    cates = [torch.full((1, 2, s, s), -10.0) for s in cfg.model.solo_grids]
+    kernels = [torch.zeros(1, 2, s, s) for s in cfg.model.solo_grids]
+    for (level, i, j), (cls, logit, kernel) in cells.items():
+        cates[level][0, cls, i, j] = logit
+        kernels[level][0, :, i, j] = torch.tensor(kernel)
+    monkeypatch.setattr(model, "_forward_features", lambda images: (cates, kernels, mask_feats))
+    return model
+
+
+def test_predict_matrix_nms_decays_a_duplicate_and_keeps_a_disjoint_mask(tmp_path, monkeypatch):
+    # F_mask channel 0 = +10 on a left square, channel 1 = +10 on a right square, -10 elsewhere
+    feats = torch.full((1, 2, 32, 32), -10.0)
+    feats[0, 0, 4:12, 4:12] = 10.0
+    feats[0, 1, 20:28, 16:30] = 10.0
+    cells = {(0, 5, 5): (0, 3.0, [1.0, 0.0]),   # left square, score σ(3) = 0.95
+             (0, 5, 7): (0, 1.0, [1.0, 0.0]),   # same mask, same class, σ(1) = 0.73: a duplicate
+             (0, 30, 30): (0, 2.0, [0.0, 1.0])}  # disjoint right rectangle, σ(2) = 0.88
+    model = _crafted(tmp_path, monkeypatch, feats, cells)
+    pred = model.predict(torch.zeros(1, 3, 128, 128, dtype=torch.uint8), [(128, 128)], [(256, 256)])[0]
+    s = torch.sigmoid(torch.tensor([3.0, 2.0, 1.0]))
+    assert len(pred.scores) == 3
+    # maskness is sigmoid(10) for these masks; the disjoint one keeps its score, the duplicate is decayed
+    maskness = torch.sigmoid(torch.tensor(10.0))
+    assert pred.scores[0].item() == pytest.approx((s[0] * maskness).item(), rel=1e-4)
+    assert pred.scores[1].item() == pytest.approx((s[1] * maskness).item(), rel=1e-4)
+    assert pred.scores[2].item() == pytest.approx((s[2] * maskness * torch.exp(torch.tensor(-2.0))).item(), rel=1e-4)
+    # masks at the original size (×2): left square covers stride-4 cells 4..11 → pixels 32..95 of 256
+    left = pred.masks[0]
+    assert left.shape == (256, 256)
+    rows = torch.nonzero(left.any(1)).squeeze(1)
+    assert abs(rows.min().item() - 32) <= 4 and abs(rows.max().item() - 95) <= 4
+    assert pred.boxes[0].tolist() == pytest.approx([rows.min().item(), rows.min().item(), rows.max().item() + 1,
+                                                    rows.max().item() + 1], abs=4)
+    assert torch.equal(pred.masks[0], pred.masks[2])
+    assert not (pred.masks[0] & pred.masks[1]).any()
+
+
+def test_predict_drops_masks_no_larger_than_the_level_stride(tmp_path, monkeypatch):
+    feats = torch.full((1, 2, 32, 32), -10.0)
+    feats[0, 0, 4, 4:10] = 10.0  # 6 cells at stride 4: <= head stride 8 of level 0 → dropped
+    model = _crafted(tmp_path, monkeypatch, feats, {(0, 5, 5): (1, 3.0, [1.0, 0.0])})
+    pred = model.predict(torch.zeros(1, 3, 128, 128, dtype=torch.uint8), [(128, 128)], [(128, 128)])[0]
+    assert len(pred.scores) == 0 and pred.masks.shape == (0, 128, 128)
+
+
+def test_box_conditioned_masks_keep_the_candidate_that_fits_the_box(tmp_path, monkeypatch):
+    feats = torch.full((1, 2, 32, 32), -10.0)
+    feats[0, 0, 4:12, 4:12] = 10.0   # fills the box
+    feats[0, 1, 6:8, 6:8] = 10.0     # a fragment inside it
+    box = torch.tensor([[16.0, 16.0, 48.0, 48.0]])  # stride-4 cells 4..11, sqrt(wh) = 32 → level 0 only
+    # two level-0 cells (grid 40 on 128 px: 3.2 px cells) inside the box; the fragment scores higher
+    cells = {(0, 8, 8): (0, 3.0, [0.0, 1.0]), (0, 10, 10): (0, 1.0, [1.0, 0.0]),
+             (2, 4, 4): (0, 5.0, [0.0, 1.0])}  # level 2 is not a level of this box: never a candidate
+    model = _crafted(tmp_path, monkeypatch, feats, cells)
+    images = torch.zeros(1, 3, 128, 128, dtype=torch.uint8)
+    one = box_conditioned_masks(model, images, [(128, 128)], [box], [torch.tensor([0])], candidates=1)[0]
+    assert one.levels.tolist() == [0] and one.loc_inds.tolist() == [8 * 40 + 8]
+    two = box_conditioned_masks(model, images, [(128, 128)], [box], [torch.tensor([0])], candidates=2)[0]
+    assert two.loc_inds.tolist() == [10 * 40 + 10] and bool(two.inside[0])
+    assert (two.logits[0, 0, 4:12, 4:12] > 0).all() and two.logits.shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="candidates"):
+        box_conditioned_masks(model, images, [(128, 128)], [box], None, candidates=0)

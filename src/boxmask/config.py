@@ -17,7 +17,12 @@ import yaml
 
 
 #: supervision type → whether it reads ground-truth masks
-SUPERVISION_TYPES = {"boxinst": False, "full": True, "mixed": True, "levelset": False}
+SUPERVISION_TYPES = {"boxinst": False, "full": True, "mixed": True, "levelset": False, "sim": False}
+
+#: ``supervision.sim_instance_map`` choices: paper exp(mu IoU)-weighted mean / code plain mean (methods.md §5.4)
+SIM_INSTANCE_MAPS = ("iou", "mean")
+#: ``supervision.sim_pseudo_loss`` choices: paper BCE + dice / code focal-style BCE (methods.md §5.5)
+SIM_PSEUDO_LOSSES = ("paper", "code")
 
 
 class ConfigError(ValueError):
@@ -108,7 +113,8 @@ class SupervisionConfig:
 
     #: "boxinst" (box labels only), "full" (CondInst dice on real masks), "mixed" (dice where an
     #: annotation has a mask, BoxInst losses where it has only a box), "levelset" (box labels only:
-    #: BoxLevelSet's projection + Chan-Vese energies on the CondInst network)
+    #: BoxLevelSet's projection + Chan-Vese energies on the CondInst network), "sim" (box labels only:
+    #: BoxInst losses + SIM's teacher/prototype pseudo-mask loss, methods.md §5; CondInst only)
     type: str = "boxinst"
     pairwise_dilation: int = 2
     color_threshold: float = 0.3
@@ -123,6 +129,32 @@ class SupervisionConfig:
     levelset_length_weight: float = 0.0
     levelset_low_sigma: float = 0.02
     levelset_high_sigma: float = 1.0
+    #: SIM (methods.md §5; defaults = paper values, "code" notes the released-code variant).
+    #: teacher EMA momentum per optimiser step (§5.1)
+    sim_teacher_momentum: float = 0.9999
+    #: prototypes per class L and their EMA momentum (§5.3)
+    sim_num_prototypes: int = 10
+    sim_prototype_momentum: float = 0.999
+    #: Sinkhorn-Knopp entropy epsilon and iterations of the prototype assignment (§5.3)
+    sim_sinkhorn_epsilon: float = 0.05
+    sim_sinkhorn_iters: int = 3
+    #: semantic-map temperature tau (paper 0.1); 0 = code: no temperature (§5.4)
+    sim_temperature: float = 0.1
+    #: instance map: "iou" = paper exp(mu IoU)-weighted mean, "mean" = code plain mean (§5.4)
+    sim_instance_map: str = "iou"
+    sim_iou_mu: float = 5.0
+    #: M_prob = (1 - alpha) M_S + alpha M_I (§5.4)
+    sim_alpha: float = 0.5
+    #: tau_low, clamp range of the adaptive tau_high, and the M_I threshold of the confident pixels
+    #: (counts for tau_high and M_bin = [M_I > thr] B of the prototype update) (§5.3-5.4)
+    sim_low_threshold: float = 0.4
+    sim_high_range: list[float] = field(default_factory=lambda: [0.7, 0.8])
+    sim_inst_threshold: float = 0.7
+    #: lambda_1 of the pseudo-mask loss and its form: "paper" (BCE + dice) or "code" (focal BCE) (§5.5)
+    sim_pseudo_weight: float = 0.5
+    sim_pseudo_loss: str = "paper"
+    #: iterations with BoxInst losses only; the pseudo-mask loss is on from this step (0-based) (§5.4)
+    sim_warmup_iters: int = 10000
 
 
 @dataclass
@@ -303,6 +335,8 @@ def validate_config(cfg: Config) -> None:
     if cfg.supervision.type == "levelset" and cfg.model.level_set_channels <= 0:
         raise ConfigError("supervision.type=levelset needs the level-set feature head: set model.level_set_channels "
                           "(BoxLevelSet: 5)")
+    if cfg.supervision.type == "sim":
+        _validate_sim(cfg)
     if cfg.solver.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"solver.optimizer must be 'sgd' or 'adamw', got {cfg.solver.optimizer!r}")
     if cfg.solver.max_iters <= 0:
@@ -313,3 +347,32 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("data.size_divisibility must be a multiple of 32 (P7 has stride 128 on /32 padding via ceil)")
     if not cfg.data.builtin and not cfg.data.train_json:
         raise ConfigError("data.train_json is empty and data.builtin is not set")
+
+
+def _validate_sim(cfg: Config) -> None:
+    """Checks of the ``supervision.sim_*`` fields (methods.md §5). Raises :class:`ConfigError`."""
+    sup = cfg.supervision
+    if cfg.model.arch != "condinst":
+        raise ConfigError(f"supervision.type=sim needs model.arch=condinst (SIM is released for CondInst only), "
+                          f"got {cfg.model.arch!r}")
+    if sup.sim_instance_map not in SIM_INSTANCE_MAPS:
+        raise ConfigError(f"supervision.sim_instance_map must be one of {list(SIM_INSTANCE_MAPS)}, "
+                          f"got {sup.sim_instance_map!r}")
+    if sup.sim_pseudo_loss not in SIM_PSEUDO_LOSSES:
+        raise ConfigError(f"supervision.sim_pseudo_loss must be one of {list(SIM_PSEUDO_LOSSES)}, "
+                          f"got {sup.sim_pseudo_loss!r}")
+    for name in ("sim_teacher_momentum", "sim_prototype_momentum", "sim_alpha"):
+        if not 0.0 <= getattr(sup, name) <= 1.0:
+            raise ConfigError(f"supervision.{name} must be in [0, 1], got {getattr(sup, name)}")
+    if sup.sim_num_prototypes < 1:
+        raise ConfigError(f"supervision.sim_num_prototypes must be >= 1, got {sup.sim_num_prototypes}")
+    if not sup.sim_sinkhorn_epsilon > 0 or sup.sim_sinkhorn_iters < 0:
+        raise ConfigError(f"supervision.sim_sinkhorn_epsilon must be > 0 and sim_sinkhorn_iters >= 0, got "
+                          f"{sup.sim_sinkhorn_epsilon} and {sup.sim_sinkhorn_iters}")
+    if sup.sim_temperature < 0:
+        raise ConfigError(f"supervision.sim_temperature must be >= 0 (0 = no temperature), got {sup.sim_temperature}")
+    high = sup.sim_high_range
+    if len(high) != 2 or not high[0] <= high[1]:
+        raise ConfigError(f"supervision.sim_high_range must be [lo, hi] with lo <= hi, got {high}")
+    if sup.sim_warmup_iters < 0:
+        raise ConfigError(f"supervision.sim_warmup_iters must be >= 0, got {sup.sim_warmup_iters}")

@@ -6,6 +6,7 @@ Source for the schedule: detectron2 ``WarmupMultiStepLR`` semantics (methods.md 
 from __future__ import annotations
 
 import bisect
+import copy
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -20,6 +21,7 @@ from ..io import atomic_torch_save
 from ..modeling.condinst import build_model
 from ..supervision import build_supervision
 from ..supervision.base import SupervisionInputs
+from ..supervision.sim import ema_update_
 
 
 def lr_factor(step: int, solver: SolverConfig) -> float:
@@ -70,14 +72,51 @@ def supervision_inputs(batch: Batch, with_masks: bool) -> SupervisionInputs:
 
 class BoxMaskModule(L.LightningModule):
     """Trains a model with its supervision. Hyper-parameters (saved in checkpoints): the recipe as a
-    dict, the class names and the COCO category id of each contiguous label."""
+    dict, the class names and the COCO category id of each contiguous label.
+
+    ``supervision.type == "sim"`` (methods.md §5.1) adds a momentum teacher ``self.teacher``: a deep copy
+    of the student ``self.model`` made at construction, without gradients, always in eval mode (see
+    :meth:`train`), EMA-updated right after every optimiser step (:meth:`optimizer_step`) with
+    ``supervision.sim_teacher_momentum``. The SIM supervision is then an ``nn.Module`` registered here
+    (its prototype buffer is ``supervision.prototypes``), so teacher and prototypes are in this module's
+    state dict -- saved in checkpoints and restored on ``--resume`` -- while
+    :func:`~boxmask.engine.inference.load_checkpoint` rebuilds only the student (``model.*`` keys).
+    Other supervisions are plain objects and have no teacher (``self.teacher is None``).
+    """
 
     def __init__(self, config: dict, class_names: list[str], cat_ids: list[int]):
         super().__init__()
         self.save_hyperparameters()
         self.cfg: Config = load_config(config)
         self.model = build_model(self.cfg.model, len(class_names))
-        self.supervision = build_supervision(self.cfg.supervision)
+        self.supervision = build_supervision(self.cfg.supervision, num_classes=len(class_names),
+                                             mask_channels=self.cfg.model.mask_channels)
+        self.teacher = None
+        if self.cfg.supervision.type == "sim":
+            # the teacher starts as an exact copy of the (possibly pretrained) student
+            self.teacher = copy.deepcopy(self.model)
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+            self.supervision.set_teacher(self.teacher)
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train`` that keeps the teacher (if any) in eval mode: its BN layers use the
+        running statistics EMA-copied from the student and never update from batch statistics."""
+        super().train(mode)
+        teacher = getattr(self, "teacher", None)  # train() may run before __init__ has set it
+        if teacher is not None:
+            teacher.eval()
+        return self
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """The student's optimiser step, then the teacher EMA ``θ_t <- m θ_t + (1 - m) θ_s`` (methods.md §5.1).
+
+        Done here rather than in ``on_train_batch_end`` because Lightning runs the callbacks' batch-end
+        hooks (e.g. the step checkpoint) before the module's: a checkpoint must see the updated teacher.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.teacher is not None:
+            ema_update_(self.teacher, self.model, self.cfg.supervision.sim_teacher_momentum)
 
     def training_step(self, batch: Batch, batch_idx: int):
         inputs = supervision_inputs(batch, self.supervision.uses_gt_masks)

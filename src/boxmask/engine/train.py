@@ -139,6 +139,8 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool | None =
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
+        if module.teacher is not None:  # SIM's momentum teacher is in eval mode on purpose
+            warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
         trainer.fit(module, datamodule=_DataModule(cfg, train_set), ckpt_path=str(resume) if resume else None)
     wall = time.time() - t0
     summary = {"wall_s": wall, "global_step": int(trainer.global_step), "checkpoint": str(ckpt_dir / "model_final.ckpt"),

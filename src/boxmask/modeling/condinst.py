@@ -211,9 +211,11 @@ class CondInst(nn.Module):
                                self.num_classes, self.cfg.center_sampling_radius)
         flat_cls = flatten_levels(cls_logits)
         flat_ctr = flatten_levels(ctrness)
-        losses = fcos_losses(flat_cls, flatten_levels(bbox_reg), flat_ctr, targets, self.num_classes)
+        flat_reg = flatten_levels(bbox_reg)
+        losses = fcos_losses(flat_cls, flat_reg, flat_ctr, targets, self.num_classes)
 
-        instances = self._sample_instances(flat_cls, flat_ctr, flatten_levels(params), locations, targets, mask_feats)
+        instances = self._sample_instances(flat_cls, flat_ctr, flatten_levels(params), locations, targets, mask_feats,
+                                           flat_reg=flat_reg)
         if self.level_set_head is not None:
             f = self.mask_head.feat_stride // self.mask_head.out_stride
             instances.level_set_feats = aligned_bilinear(self.level_set_head(mask_feats), f).float()
@@ -229,8 +231,14 @@ class CondInst(nn.Module):
         return losses
 
     def _sample_instances(self, flat_cls: Tensor, flat_ctr: Tensor, flat_params: Tensor, locations: list[Tensor],
-                          targets, mask_feats: Tensor) -> MaskInstances:
-        """Pick the positives that get a mask loss (methods.md §1.5) and run the dynamic head on them."""
+                          targets, mask_feats: Tensor, flat_reg: Tensor | None = None) -> MaskInstances:
+        """Pick the positives that get a mask loss (methods.md §1.5) and run the dynamic head on them.
+
+        Besides the logits, the returned :class:`MaskInstances` carries where each positive sits
+        (``loc_inds``, ``locations``, ``levels``), the stride-8 ``mask_feats`` and, when ``flat_reg``
+        (``[B,L,4]`` ltrb / level stride, levels concatenated) is given, the regressed ``pred_boxes``
+        -- what SIM needs to run its teacher at the same positives (methods.md §5.1, §5.4).
+        """
         level_of = torch.cat([torch.full((len(l),), i, dtype=torch.int64, device=l.device) for i, l in enumerate(locations)])
         all_locs = torch.cat(locations)
         im_inds, loc_inds = torch.nonzero(targets.gt_inds >= 0, as_tuple=True)
@@ -245,8 +253,17 @@ class CondInst(nn.Module):
             keep = torch.randperm(len(im_inds), device=im_inds.device)[: self.cfg.max_proposals]
             im_inds, loc_inds, gt_inds = im_inds[keep], loc_inds[keep], gt_inds[keep]
         labels = targets.labels[im_inds, loc_inds]
-        logits = self.mask_head(mask_feats, flat_params[im_inds, loc_inds], im_inds, all_locs[loc_inds], level_of[loc_inds])
-        return MaskInstances(logits.float(), im_inds, gt_inds, labels, stride=self.mask_head.out_stride)
+        locs, levels = all_locs[loc_inds], level_of[loc_inds]
+        logits = self.mask_head(mask_feats, flat_params[im_inds, loc_inds], im_inds, locs, levels)
+        pred_boxes = None
+        if flat_reg is not None:
+            # decode as fcos_inference / box_conditioned: distances are in units of the level stride
+            level_stride = torch.tensor(self.strides, dtype=torch.float32, device=locs.device)[levels]
+            ltrb = flat_reg[im_inds, loc_inds].detach().float() * level_stride[:, None]
+            pred_boxes = torch.cat([locs - ltrb[:, :2], locs + ltrb[:, 2:]], dim=1)
+        return MaskInstances(logits.float(), im_inds, gt_inds, labels, stride=self.mask_head.out_stride,
+                             loc_inds=loc_inds, locations=locs, levels=levels, mask_feats=mask_feats,
+                             pred_boxes=pred_boxes)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -24,6 +24,18 @@ class MaskInstances:
     stride: int, output stride of ``logits`` in pixels (4).
     level_set_feats: float ``[B,C_ls,h,w]`` per-image level-set features ``F_ls`` at ``stride``, or
         None (only models with ``model.level_set_channels > 0`` produce them).
+
+    The remaining fields are filled by CondInst (None for other models); supervisions that need to
+    re-run a network at the same positives (SIM's teacher, methods.md §5.1) read them:
+
+    loc_inds: int64 ``[K]`` index of each positive into the levels-concatenated FCOS locations
+        (``flatten_levels`` order: P3 row-major, then P4, ...).
+    locations: float32 ``[K,2]`` (x, y) image pixels of each positive's FCOS location.
+    levels: int64 ``[K]`` FPN level index (0 = P3) of each positive.
+    mask_feats: float ``[B,C_mask,h8,w8]`` the mask-branch output at stride 8 (``h8 = Hp/8``), still
+        attached to the graph; detach it when it is only read as a target.
+    pred_boxes: float32 ``[K,4]`` xyxy resized-image pixels: the box each positive regresses
+        (``location -/+ ltrb * level stride``), detached.
     """
 
     logits: Tensor
@@ -32,6 +44,11 @@ class MaskInstances:
     labels: Tensor
     stride: int = 4
     level_set_feats: Tensor | None = None
+    loc_inds: Tensor | None = None
+    locations: Tensor | None = None
+    levels: Tensor | None = None
+    mask_feats: Tensor | None = None
+    pred_boxes: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])

@@ -6,11 +6,11 @@ import torch
 
 from boxmask.config import ConfigError
 from boxmask.engine.inference import load_checkpoint
-from boxmask.engine.module import BoxMaskModule, supervision_inputs
+from boxmask.engine.module import BoxMaskModule
 from boxmask.engine.train import train
 from boxmask.supervision import build_supervision
 from boxmask.supervision.levelset import LevelSetSupervision
-from test_training import _sample_batch, tiny_cfg, with_garbage_masks
+from test_training import losses_real_and_garbage_masks, tiny_cfg
 
 LEVELSET = ["supervision.type=levelset", "model.level_set_channels=5", "supervision.projection_weight=3.0"]
 
@@ -26,14 +26,7 @@ def test_levelset_losses_ignore_gt_masks_and_train_mask_and_level_set_heads(tmp_
     cfg = tiny_cfg(tmp_path, *LEVELSET)
     torch.manual_seed(0)
     module = BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
-    module.model.eval()  # fixed BN statistics so two forward passes are comparable
-    batch = _sample_batch(load_masks=True)
-    garbage = with_garbage_masks(batch)
-    results = []
-    for b in (batch, garbage):
-        inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
-        assert inputs.masks is None
-        results.append(module.model.training_losses(b.images, inputs, module.supervision, 5))
+    results = losses_real_and_garbage_masks(module)
     assert {k: v.item() for k, v in results[0].items()} == {k: v.item() for k, v in results[1].items()}
     losses = results[0]
     assert {"loss_proj", "loss_levelset"} <= set(losses) and "loss_pairwise" not in losses

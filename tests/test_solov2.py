@@ -15,7 +15,7 @@ from boxmask.modeling.fpn import SOLOFPN
 from boxmask.modeling.solo_targets import solo_targets
 from boxmask.modeling.solov2 import SOLOv2, coord_features, point_nms
 from boxmask.supervision.base import MaskSupervision, SupervisionInputs
-from test_training import TINY, _sample_batch, with_garbage_masks
+from test_training import TINY, _sample_batch, losses_real_and_garbage_masks
 
 SOLO = ["model.arch=solov2", "model.solo_head_channels=32", "model.mask_channels=16", "model.level_set_channels=5",
         "supervision.type=levelset", "supervision.projection_weight=3.0"]
@@ -112,14 +112,7 @@ def test_levelset_training_ignores_gt_masks_and_reaches_every_parameter(tmp_path
     cfg = solo_cfg(tmp_path)
     torch.manual_seed(0)
     module = BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
-    module.model.eval()
-    batch = _sample_batch(load_masks=True)
-    garbage = with_garbage_masks(batch)
-    results = []
-    for b in (batch, garbage):
-        inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
-        assert inputs.masks is None
-        results.append(module.model.training_losses(b.images, inputs, module.supervision, 5))
+    results = losses_real_and_garbage_masks(module)
     assert {k: v.item() for k, v in results[0].items()} == {k: v.item() for k, v in results[1].items()}
     losses = results[0]
     assert set(losses) == {"loss_cls", "loss_proj", "loss_levelset"}

@@ -52,6 +52,19 @@ def with_garbage_masks(batch, flip_has_mask: bool = False):
     return garbage
 
 
+def losses_real_and_garbage_masks(module, step: int = 5) -> list[dict]:
+    """Training losses of ``module`` (put in eval mode: fixed BN statistics) on the sample batch with its
+    real GT masks and with garbage masks; asserts the supervision was handed no masks at all."""
+    module.model.eval()
+    batch = _sample_batch(load_masks=True)
+    results = []
+    for b in (batch, with_garbage_masks(batch)):
+        inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
+        assert inputs.masks is None
+        results.append(module.model.training_losses(b.images, inputs, module.supervision, step))
+    return results
+
+
 def test_box_supervision_never_reads_gt_masks(tmp_path):
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ from .condinst import CondInst
 from ..supervision.boxinst import box_masks_at_stride, projection_terms
 from .fcos import flatten_levels
 
-__all__ = ["BoxConditionedMasks", "LOCATION_RANKS", "box_location_candidates", "projection_fit", "select_box_locations", "box_conditioned_masks", "masks_for_boxes"]
+__all__ = ["BoxConditionedMasks", "LOCATION_RANKS", "best_fitting_candidates", "box_location_candidates", "projection_fit", "select_box_locations", "box_conditioned_masks", "masks_for_boxes"]
 
 #: location ranking rules of :func:`select_box_locations`
 LOCATION_RANKS = ("score_iou", "score")
@@ -222,7 +222,6 @@ def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tup
         cand, cand_scores, valid, inside = box_location_candidates(
             scores, all_locs, len(locations[0]), boxes_b, None if labels is None else labels[b],
             None if pred_boxes is None else pred_boxes[b], candidates)
-        n, k = cand.shape
         flat_cand = cand[valid]  # row-major: the candidates of box 0 first
         chunks = []
         for s in range(0, len(flat_cand), _HEAD_CHUNK):
@@ -237,22 +236,37 @@ def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tup
                                            cand_scores[:, 0], inside))
             continue
         cand_logits = torch.cat(chunks)
-        pick = torch.zeros(n, dtype=torch.int64, device=images.device)
-        if k > 1:
-            # rule 4: the candidate whose mask fits the box best (BoxInst projection term, per candidate)
-            owner = torch.arange(n, device=images.device)[:, None].expand(n, k)[valid]
-            box_masks = box_masks_at_stride(boxes_b.float(), (hp, wp), model.mask_head.out_stride)[owner]
-            fit = torch.full((n, k), float("inf"), device=images.device)
-            fit[valid] = projection_fit(cand_logits[:, 0], box_masks)
-            pick = fit.argmin(1)  # ties keep the better-ranked candidate
-        # valid candidates are a prefix of each row (ranked best first), so box i's pick-th one sits at
-        # (valid candidates of boxes < i) + pick in cand_logits
-        starts = valid.sum(1).cumsum(0) - valid.sum(1)
-        logits = cand_logits[starts + pick]
+        logits, pick = best_fitting_candidates(cand_logits, valid, boxes_b, (hp, wp), model.mask_head.out_stride)
         chosen = cand.gather(1, pick[:, None])[:, 0]
         out.append(BoxConditionedMasks(logits, chosen, level_of[chosen], all_locs[chosen],
                                        cand_scores.gather(1, pick[:, None])[:, 0], inside))
     return out
+
+
+def best_fitting_candidates(cand_logits: Tensor, valid: Tensor, boxes: Tensor, padded_hw: tuple[int, int],
+                            stride: int) -> tuple[Tensor, Tensor]:
+    """Rule 4: per box, the candidate mask with the smallest :func:`projection_fit` against the box.
+
+    Args:
+        cand_logits: float ``[V,1,h,w]`` logits of the valid candidates, row-major over ``valid`` (box 0's first).
+        valid: bool ``[N,k]``; valid candidates are a prefix of each row, ranked best first.
+        boxes: float ``[N,4]`` xyxy pixels; padded_hw: ``(Hp, Wp)``; stride: the logits' stride in pixels.
+
+    Returns:
+        ``(logits [N,1,h,w], pick int64 [N])``: the chosen candidate's logits and its column in ``valid``
+        (ties keep the better-ranked candidate; with ``k == 1`` the first).
+    """
+    n, k = valid.shape
+    pick = torch.zeros(n, dtype=torch.int64, device=cand_logits.device)
+    if k > 1 and n:
+        owner = torch.arange(n, device=valid.device)[:, None].expand(n, k)[valid]
+        box_masks = box_masks_at_stride(boxes.float(), padded_hw, stride)[owner]
+        fit = torch.full((n, k), float("inf"), device=cand_logits.device)
+        fit[valid] = projection_fit(cand_logits[:, 0], box_masks)
+        pick = fit.argmin(1)
+    # box i's pick-th candidate sits at (valid candidates of boxes < i) + pick in cand_logits
+    starts = valid.sum(1).cumsum(0) - valid.sum(1)
+    return cand_logits[starts + pick], pick
 
 
 def projection_fit(mask_logits: Tensor, box_masks: Tensor) -> Tensor:

@@ -36,9 +36,8 @@ from torchvision.ops import masks_to_boxes, sigmoid_focal_loss
 
 from ..config import ModelConfig
 from ..supervision.base import MaskInstances, MaskSupervision, SupervisionInputs
-from ..supervision.boxinst import box_masks_at_stride
 from .backbones import build_backbone
-from .box_conditioned import LOCATION_RANKS, BoxConditionedMasks, box_location_candidates, projection_fit
+from .box_conditioned import LOCATION_RANKS, BoxConditionedMasks, best_fitting_candidates, box_location_candidates
 from .condinst import InstancePredictions
 from .fpn import SOLOFPN
 from .matrix_nms import matrix_nms
@@ -262,7 +261,7 @@ class SOLOv2(nn.Module):
             groups = _subsample(groups, cfg.max_proposals)
 
         losses: dict[str, Tensor] = {"loss_cls": loss_cls}
-        total = sum(len(torch.cat(g["gt"])) for g in groups.values())
+        total = sum(len(t) for g in groups.values() for t in g["gt"])
         # keeps every parameter in the graph (DDP) whatever the positives and the supervision use
         anchor = mask_feats.sum() * 0 + sum(k.sum() for k in kernels) * 0
         if level_set_feats is not None:
@@ -398,21 +397,13 @@ class SOLOv2(nn.Module):
             cand, cand_scores, valid, inside = box_location_candidates(
                 scores, centres, num_finest, boxes_b, None if labels is None else labels[b], None, candidates,
                 allowed=self._levels_for_boxes(boxes_b)[:, level_of])
-            n, k = cand.shape
             flat = cand[valid]
             cand_logits = (torch.cat([self._masks(kern[flat[i:i + _CHUNK]], mask_feats[b].float())
                                       for i in range(0, len(flat), _CHUNK)])[:, None] if len(flat)
                            else mask_feats.new_zeros(0, 1, *mask_feats.shape[-2:]).float())
-            pick = torch.zeros(n, dtype=torch.int64, device=images.device)
-            if k > 1 and n:
-                owner = torch.arange(n, device=images.device)[:, None].expand(n, k)[valid]
-                box_masks = box_masks_at_stride(boxes_b, (hp, wp), MASK_FEAT_STRIDE)[owner]
-                fit = torch.full((n, k), float("inf"), device=images.device)
-                fit[valid] = projection_fit(cand_logits[:, 0], box_masks)
-                pick = fit.argmin(1)
-            starts = valid.sum(1).cumsum(0) - valid.sum(1)
+            logits, pick = best_fitting_candidates(cand_logits, valid, boxes_b, (hp, wp), MASK_FEAT_STRIDE)
             chosen = cand.gather(1, pick[:, None])[:, 0]
-            out.append(BoxConditionedMasks(cand_logits[starts + pick], chosen, level_of[chosen], centres[chosen],
+            out.append(BoxConditionedMasks(logits, chosen, level_of[chosen], centres[chosen],
                                            cand_scores.gather(1, pick[:, None])[:, 0], inside))
         return out
 

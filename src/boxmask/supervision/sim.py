@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .boxinst import _dice_loss
+from .levelset import _as_khw, _compute_dtype
 
 __all__ = [
     "adaptive_high_threshold",
@@ -41,19 +42,6 @@ __all__ = [
 ]
 
 _NORM_EPS = 1e-12  # F.normalize floor: a zero vector stays zero instead of becoming NaN
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _as_khw(x: Tensor, name: str, what: str) -> Tensor:
-    """``[K, 1, h, w]`` or ``[K, h, w]`` -> ``[K, h, w]`` in float32 (float64 kept)."""
-    if x.dim() == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.dim() != 3:
-        raise ValueError(f"{name}: {what} must be [K, 1, h, w] or [K, h, w], got {tuple(x.shape)}")
-    return x.to(_compute_dtype(x))
 
 
 def _check_index(x: Tensor, k: int, name: str, what: str) -> Tensor:

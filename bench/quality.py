@@ -72,15 +72,31 @@ METHODS = {
     "boxlevelset": ("end_to_end", "box", "boxlevelset"),
     "boxlevelset_boxfill": ("end_to_end", "box", "boxlevelset"),
     "boxlevelset_annotate": ("boxes_given", "box", "boxlevelset"),
+    "sim": ("end_to_end", "box", "sim"),
+    "sim_boxfill": ("end_to_end", "box", "sim"),
+    "sim_annotate": ("boxes_given", "box", "sim"),
 }
 #: trained model → (packaged recipe, recipe overrides); the run's data/schedule overrides apply to all
 MODELS = {
     "boxinst": ("boxinst_effnet-lite0_fpn_nuts", ["supervision.type=boxinst"]),
     "condinst": ("boxinst_effnet-lite0_fpn_nuts", ["supervision.type=full"]),
     "boxlevelset": ("boxlevelset_effnet-lite0_fpn_nuts", []),
+    "sim": ("sim_effnet-lite0_fpn_nuts", []),
 }
 #: methods whose rows are the model's detections with their boxes filled
-BOXFILL = {"boxinst_boxfill", "boxlevelset_boxfill"}
+BOXFILL = {"boxinst_boxfill", "boxlevelset_boxfill", "sim_boxfill"}
+
+
+def schedule_overrides(kind: str, iterations: int) -> list[str]:
+    """Per-model overrides that scale with the schedule: SIM's pseudo-mask/copy-paste warm-up is the
+    pairwise warm-up (a third of the run, as 10k of BoxInst's 30k-90k), and its teacher momentum
+    keeps a time constant of a tenth of the run, 1/(1-m) = iterations/10 (paper: 0.9999 over 90k steps;
+    at 600 steps the paper's momentum would leave the teacher ≈ the initial network)."""
+    if kind != "sim":
+        return []
+    warmup = max(1, iterations // 3)
+    momentum = 1.0 - 10.0 / max(iterations, 20)
+    return [f"supervision.sim_warmup_iters={warmup}", f"supervision.sim_teacher_momentum={momentum:.6g}"]
 
 
 def git_commit() -> str:
@@ -168,7 +184,8 @@ def train_or_reuse(cfg, reuse: bool) -> dict:
     record_path = out / "bench_train.json"
     if reuse and record_path.is_file():
         rec = json.loads(record_path.read_text())
-        if (_comparable(rec["config"]) == _comparable(cfg.to_dict()) and Path(rec["checkpoint"]).is_file()
+        # through load_config: fields added since the record was written take their defaults
+        if (_comparable(load_config(rec["config"]).to_dict()) == _comparable(cfg.to_dict()) and Path(rec["checkpoint"]).is_file()
                 and rec["global_step"] == cfg.solver.max_iters):
             print(f"reusing {out} ({rec['global_step']} steps)")
             return dict(rec, reused=True)
@@ -275,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if not any(METHODS[m][2] == kind for m in methods):
             continue
         evaluate = any(METHODS[m][2] == kind and METHODS[m][0] == "end_to_end" for m in methods)
-        cfgs[kind] = load_config(recipe, recipe_overrides + overrides + [
+        cfgs[kind] = load_config(recipe, recipe_overrides + schedule_overrides(kind, args.iterations) + overrides + [
             f"trainer.output_dir={out / kind}", f"trainer.eval_after_train={evaluate}"])
         print(f"== training {kind} ({recipe}, model.arch={cfgs[kind].model.arch}, "
               f"supervision.type={cfgs[kind].supervision.type}) → {out / kind}")
@@ -297,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         row = dict(base, track="end_to_end", method=method, supervision=supervision, **_ap_fields(segm, metrics["model"]["bbox"]),
                    **empty, images=n_val, instances=n_val_instances, device=device_name(cpu=not use_cuda),
                    wall_s=round(trained[kind]["wall_s"], 1), config=str(out / kind / "config.yaml"))
-        if method in ("boxinst", "boxlevelset") and "condinst" in e2e:
+        if method in ("boxinst", "boxlevelset", "sim") and "condinst" in e2e:
             row["ratio_box_over_mask"] = _ratio(segm["AP"], e2e["condinst"]["model"]["segm"]["AP"])
         rows.append(row)
 
@@ -349,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                        wall_s=round(wall, 1), config=str(out / kind / "config.yaml") if kind else None)
             by_method[method] = row
             rows.append(row)
-        for boxed in ("boxinst_annotate", "boxlevelset_annotate"):
+        for boxed in ("boxinst_annotate", "boxlevelset_annotate", "sim_annotate"):
             if boxed in by_method and "condinst_annotate" in by_method:
                 by_method[boxed]["ratio_box_over_mask"] = _ratio(by_method[boxed]["mask_AP"],
                                                                  by_method["condinst_annotate"]["mask_AP"])

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("boxinst", "boxlevelset", "condinst", "boxinst_boxfill", "boxlevelset_boxfill", "filled_box", "grabcut",
-         "boxinst_annotate", "boxlevelset_annotate", "condinst_annotate")
+ORDER = ("boxinst", "sim", "boxlevelset", "condinst", "boxinst_boxfill", "sim_boxfill", "boxlevelset_boxfill",
+         "filled_box", "grabcut", "boxinst_annotate", "sim_annotate", "boxlevelset_annotate", "condinst_annotate")
 
 
 def load_rows(path: Path) -> list[dict]:

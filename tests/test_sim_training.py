@@ -3,7 +3,9 @@ box-only supervision, exact resume and student-only checkpoint loading."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -104,7 +106,10 @@ def test_teacher_reruns_the_students_positives(tmp_path):
         probs, feats = module.supervision._teacher_outputs(batch.images, inst, tuple(inst.logits.shape[-2:]))
     assert torch.allclose(probs, inst.logits.sigmoid()[:, 0], atol=1e-6)
     assert feats.shape == (2, 16, *inst.logits.shape[-2:])
-    assert torch.allclose(feats.norm(dim=1), torch.ones(()), atol=1e-5)
+    # the features are the student's stride-8 mask features, bilinearly upsampled x2 (not normalised)
+    expected = torch.nn.functional.interpolate(inst.mask_feats.float(), size=feats.shape[-2:], mode="bilinear",
+                                               align_corners=False)
+    assert torch.allclose(feats, expected, atol=1e-5)
 
 
 class _Snapshots(L.Callback):
@@ -244,7 +249,26 @@ def test_prototypes_all_reduce_average_under_ddp(tmp_path):
 
 # --------------------------------------------------------------------------- training driver / checkpoints
 
-RUN = [*SIM, ALL_BOX_PIXELS, "supervision.sim_teacher_momentum=0.5"]
+# a 2-entry bank is full after step 1 (batch of 2); pasting on every later step
+RUN = [*SIM, ALL_BOX_PIXELS, "supervision.sim_teacher_momentum=0.5", "supervision.sim_bank_size=2",
+       "supervision.sim_paste_prob=1.0"]
+
+
+def _assert_same_state(a, b, key: str = "") -> None:
+    """Recursive equality of state-dict values (tensors within tolerance; the bank is nested dicts/lists)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), key
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{key}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), key
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{key}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype, key
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, rtol=1e-5), key
+    else:
+        assert a == b, key
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +295,18 @@ def test_sim_resume_continues_exactly(tmp_path, straight_run):
     assert pa.keys() == pb.keys()
     assert "supervision.prototypes" in pa and any(k.startswith("teacher.") for k in pa)
     for k in pa:
-        assert torch.allclose(pa[k].float(), pb[k].float(), atol=1e-6, rtol=1e-5), k
+        _assert_same_state(pa[k], pb[k], k)
+    # the memory bank is in the checkpoint, full at step 2, and refilled by the pasted steps 2-3 after the resume
+    bank2, bank4 = at2["supervision._extra_state"]["bank"], pb["supervision._extra_state"]["bank"]
+    assert bank2["capacity"] == 2 and len(bank2["entries"]) == 2 and len(bank4["entries"]) == 2
+    assert all(e["masks"].shape[0] >= 1 for e in bank4["entries"])
+    assert not torch.equal(bank2["entries"][0]["image"], bank4["entries"][0]["image"])
+    # and the resumed steps 2-3 really pasted (paste loss logged > 0), like the straight run
+    for run in (straight_run, resumed):
+        paste = {int(r["step"]): float(r["loss_paste"])
+                 for log in Path(run["checkpoint"]).parents[1].glob("logs/csv/version_*/metrics.csv")
+                 for r in csv.DictReader(log.open()) if r.get("loss_paste")}
+        assert paste[0] == paste[1] == 0 and paste[2] > 0 and paste[3] > 0
     # the compared state is not trivial: the prototypes moved after the resume and the teacher lags the student
     protos = pb["supervision.prototypes"]
     assert not torch.equal(protos, at2["supervision.prototypes"])

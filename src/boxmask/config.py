@@ -155,6 +155,20 @@ class SupervisionConfig:
     sim_pseudo_loss: str = "paper"
     #: iterations with BoxInst losses only; the pseudo-mask loss is on from this step (0-based) (§5.4)
     sim_warmup_iters: int = 10000
+    #: online weakly-supervised copy-paste (§5.6): on/off, FIFO bank size (paper 100, code 50), at most
+    #: this many (highest-score) instances stored per bank entry (bounds the bank's memory, see
+    #: SIMSupervision), paste probability per step once the bank is full, share of an entry's instances
+    #: pasted (code 0.5, paper 0.25) and their maximum, lambda_2 of the paste loss
+    sim_copy_paste: bool = True
+    sim_bank_size: int = 100
+    sim_bank_max_instances: int = 20
+    sim_paste_prob: float = 0.5
+    sim_paste_fraction: float = 0.5
+    sim_paste_max: int = 3
+    sim_paste_weight: float = 1.0
+    #: code-only feature-aware pairwise affinity (§5.2): pairwise edges use S_feat * S_LAB >= color_threshold
+    #: (the code sets color_threshold 0.1 with it); False = paper/BoxInst colour-only affinity
+    sim_pairwise_features: bool = False
 
 
 @dataclass
@@ -376,3 +390,12 @@ def _validate_sim(cfg: Config) -> None:
         raise ConfigError(f"supervision.sim_high_range must be [lo, hi] with lo <= hi, got {high}")
     if sup.sim_warmup_iters < 0:
         raise ConfigError(f"supervision.sim_warmup_iters must be >= 0, got {sup.sim_warmup_iters}")
+    for name in ("sim_bank_size", "sim_bank_max_instances", "sim_paste_max"):
+        if getattr(sup, name) < 1:
+            raise ConfigError(f"supervision.{name} must be >= 1, got {getattr(sup, name)}")
+    if not 0.0 <= sup.sim_paste_prob <= 1.0:
+        raise ConfigError(f"supervision.sim_paste_prob must be in [0, 1], got {sup.sim_paste_prob}")
+    if not 0.0 < sup.sim_paste_fraction <= 1.0:
+        raise ConfigError(f"supervision.sim_paste_fraction must be in (0, 1], got {sup.sim_paste_fraction}")
+    if sup.sim_paste_weight < 0:
+        raise ConfigError(f"supervision.sim_paste_weight must be >= 0, got {sup.sim_paste_weight}")

@@ -78,8 +78,9 @@ class BoxMaskModule(L.LightningModule):
     of the student ``self.model`` made at construction, without gradients, always in eval mode (see
     :meth:`train`), EMA-updated right after every optimiser step (:meth:`optimizer_step`) with
     ``supervision.sim_teacher_momentum``. The SIM supervision is then an ``nn.Module`` registered here
-    (its prototype buffer is ``supervision.prototypes``), so teacher and prototypes are in this module's
-    state dict -- saved in checkpoints and restored on ``--resume`` -- while
+    (its prototype buffer is ``supervision.prototypes``, its copy-paste memory bank the supervision's extra
+    state), so teacher, prototypes and bank are in this module's state dict -- saved in checkpoints and
+    restored on ``--resume`` -- while
     :func:`~boxmask.engine.inference.load_checkpoint` rebuilds only the student (``model.*`` keys).
     Other supervisions are plain objects and have no teacher (``self.teacher is None``).
     """
@@ -119,8 +120,9 @@ class BoxMaskModule(L.LightningModule):
             ema_update_(self.teacher, self.model, self.cfg.supervision.sim_teacher_momentum)
 
     def training_step(self, batch: Batch, batch_idx: int):
-        inputs = supervision_inputs(batch, self.supervision.uses_gt_masks)
-        losses = self.model.training_losses(batch.images, inputs, self.supervision, int(self.global_step))
+        step = int(self.global_step)
+        inputs = self.supervision.prepare_inputs(supervision_inputs(batch, self.supervision.uses_gt_masks), step)
+        losses = self.model.training_losses(inputs.images, inputs, self.supervision, step)
         total = sum(losses.values())
         bs = batch.images.shape[0]
         self.log_dict({k: v.detach() for k, v in losses.items()}, on_step=True, batch_size=bs)

@@ -63,6 +63,9 @@ class SupervisionInputs:
     boxes: per image float ``[N_i,4]`` xyxy in resized pixels; labels: int64 ``[N_i]``.
     masks: per image bool ``[N_i,h,w]`` or ``None``; always ``None`` for box supervision.
     has_mask: per image bool ``[N_i]`` or ``None``.
+    pasted / paste_masks: per image bool ``[N_i]`` / bool ``[N_i,Hp,Wp]`` (rows of non-pasted objects all
+    False), set only by SIM's copy-paste (:meth:`MaskSupervision.prepare_inputs`) on objects it pasted
+    from its memory bank -- their masks come from the teacher, never from the ground truth.
     """
 
     images: Tensor
@@ -72,6 +75,8 @@ class SupervisionInputs:
     labels: list[Tensor]
     masks: list[Tensor] | None = None
     has_mask: list[Tensor] | None = None
+    pasted: list[Tensor] | None = None
+    paste_masks: list[Tensor] | None = None
 
 
 class MaskSupervision:
@@ -84,3 +89,11 @@ class MaskSupervision:
 
     def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def prepare_inputs(self, inputs: SupervisionInputs, step: int) -> SupervisionInputs:
+        """Batch-level augmentation owned by the supervision, before the model's forward (default: none).
+
+        SIM overrides it with its online copy-paste (methods.md §5.6): the returned view's ``images``,
+        ``boxes`` and ``labels`` are what the model is trained on.
+        """
+        return inputs

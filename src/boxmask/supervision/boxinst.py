@@ -328,7 +328,22 @@ class BoxInstSupervision(MaskSupervision):
     def __init__(self, cfg: SupervisionConfig):
         self.cfg = cfg
 
-    def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
+    def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int,
+               box_masks: Tensor | None = None, similarity_scale: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"loss_proj", "loss_pairwise"}`` (float32 scalars, weighted; pairwise with its warm-up).
+
+        Args:
+            instances: sampled positives, ``logits`` ``[K,1,h,w]`` at ``instances.stride``.
+            inputs: box-only batch view (uint8 ``images``, per-image ``boxes``).
+            step: 0-based global step (pairwise warm-up).
+            box_masks: optional float ``[K,h,w]`` 0/1 masks replacing each positive's box mask (SIM's
+                pasted objects use their paste mask, methods.md §5.6); default: :func:`instance_box_masks`.
+            similarity_scale: optional float ``[B,8,h,w]`` in ``[0,1]`` multiplied into the colour
+                similarity before the threshold (SIM's feature-aware affinity, methods.md §5.2).
+
+        Raises:
+            ValueError: if an override has the wrong shape.
+        """
         cfg = self.cfg
         logits = instances.logits.float()
         if len(instances) == 0:
@@ -342,7 +357,15 @@ class BoxInstSupervision(MaskSupervision):
         used = torch.unique(instances.im_inds)
         similarity = torch.zeros(len(inputs.boxes), 8, padded_hw[0] // stride, padded_hw[1] // stride, device=device)
         similarity[used] = lab_color_similarity(inputs.images[used], valid[used], stride, cfg.pairwise_dilation)
-        inst_box_masks = instance_box_masks(instances, inputs)
+        if similarity_scale is not None:
+            if similarity_scale.shape != similarity.shape:
+                raise ValueError(f"BoxInstSupervision: similarity_scale must be {tuple(similarity.shape)}, "
+                                 f"got {tuple(similarity_scale.shape)}")
+            similarity = similarity * similarity_scale.to(similarity)
+        inst_box_masks = instance_box_masks(instances, inputs) if box_masks is None else box_masks.float()
+        if inst_box_masks.shape != logits.shape[:1] + logits.shape[-2:]:
+            raise ValueError(f"BoxInstSupervision: box_masks must be {tuple(logits.shape[:1] + logits.shape[-2:])}, "
+                             f"got {tuple(inst_box_masks.shape)}")
         loss_proj = projection_loss(logits, inst_box_masks)
         loss_pair = pairwise_loss(logits, similarity, inst_box_masks, cfg.color_threshold, cfg.pairwise_dilation,
                                   im_inds=instances.im_inds)

@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .boxinst import _dice_loss
+from .color import neighbor_offsets, shifted_slices
 from .levelset import _as_khw, _compute_dtype
 
 __all__ = [
     "adaptive_high_threshold",
     "ema_update_",
+    "feature_similarity",
     "hard_assignment",
     "init_prototypes",
     "instance_map",
@@ -619,3 +621,34 @@ def pseudo_mask_loss(
     # an instance without valid pixels would otherwise add a constant dice of 1
     per_instance = torch.where(n_valid > 0, bce_k + dice_k, torch.zeros_like(bce_k))
     return per_instance.mean()
+
+
+@torch.no_grad()
+def feature_similarity(feats: Tensor, dilation: int = 2) -> Tensor:
+    """Feature affinity ``S^feat_ij = exp(-||z_i - z_j||_2)`` to the 8 dilated neighbours (methods.md §5.2).
+
+    The released SIM code multiplies this into BoxInst's colour similarity (the pairwise edges are
+    ``[S^feat S^LAB >= 0.1] B``); the paper does not mention it. ``z`` are the teacher's mask features
+    upsampled to the mask stride, as given (not normalised, like the code). No gradient.
+
+    Args:
+        feats: float ``[B, D, h, w]`` features at the mask stride (stride 4 for CondInst).
+        dilation: neighbour dilation in cells, as for :func:`~boxmask.supervision.color.lab_color_similarity`.
+
+    Returns:
+        float32 ``[B, 8, h, w]`` in ``(0, 1]``; channel ``o`` is the neighbour at ``neighbor_offsets(dilation)[o]``,
+        0 where the neighbour is outside the map.
+
+    Raises:
+        ValueError: if ``feats`` is not 4-D.
+    """
+    if feats.dim() != 4:
+        raise ValueError(f"feature_similarity: feats must be [B, D, h, w], got {tuple(feats.shape)}")
+    z = feats.float()
+    bsz, _, h, w = z.shape
+    out = z.new_zeros((bsz, 8, h, w))
+    for o, (dy, dx) in enumerate(neighbor_offsets(dilation)):
+        (ys_c, xs_c), (ys_n, xs_n) = shifted_slices(dy, dx, h, w)
+        dist = torch.linalg.vector_norm(z[:, :, ys_c, xs_c] - z[:, :, ys_n, xs_n], dim=1)
+        out[:, o, ys_c, xs_c] = torch.exp(-dist)
+    return out

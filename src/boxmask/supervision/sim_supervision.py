@@ -4,14 +4,14 @@ Li et al., "SIM: Semantic-aware Instance Mask Generation for Box-Supervised Inst
 CVPR 2023 (methods.md §5.1-5.5, §5.7). This module wires the pure building blocks of
 :mod:`boxmask.supervision.sim` into a :class:`~boxmask.supervision.base.MaskSupervision`; the training
 engine (:class:`~boxmask.engine.module.BoxMaskModule`) owns the teacher network and its EMA update.
-The online weakly-supervised copy-paste of SIM (§5.6, ``L_paste``) is not wired into training yet:
-this supervision has no ``loss_paste`` term and never modifies the batch. The feature-aware pairwise
-affinity of the released code (§5.2, not in the paper) is not used either: the pairwise term is
-BoxInst's colour-only one with ``supervision.color_threshold``.
+The online weakly-supervised copy-paste (§5.6) lives here too: the memory bank is state of this
+module (saved in checkpoints through ``get_extra_state``) and :meth:`SIMSupervision.prepare_inputs`
+pastes into the batch before the model's forward.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,22 +21,35 @@ from ..config import SIM_INSTANCE_MAPS, SIM_PSEUDO_LOSSES, SupervisionConfig
 from ..modeling.fcos import flatten_levels
 from .base import MaskInstances, MaskSupervision, SupervisionInputs
 from .boxinst import BoxInstSupervision, instance_box_masks
-from .sim import (init_prototypes, instance_map, iou_weights, pseudo_mask_loss, pseudo_mask_targets, semantic_map,
-                  update_prototypes)
+from .copy_paste import MemoryBank, PasteEntry, box_masks_full_res, paste_instances, select_instances
+from .sim import (feature_similarity, init_prototypes, instance_map, iou_weights, pseudo_mask_loss,
+                  pseudo_mask_targets, semantic_map, update_prototypes)
 
 __all__ = ["SIMSupervision"]
 
 _NORM_EPS = 1e-12  # F.normalize floor, as in boxmask.supervision.sim
+_PASTE_SEED = 0x51D  # copy-paste draws use a generator seeded by (this, step, rank): exact resumes
+_UPSAMPLE_CHUNK = 32  # instances upsampled to input resolution at once when filling the bank
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _upsample(mask_feats: Tensor, size: tuple[int, int]) -> Tensor:
+    """Stride-8 mask features ``[B,D,h8,w8]`` -> float32 ``[B,D,h,w]`` at stride 4, detached.
+
+    Plain bilinear with ``align_corners=False`` (the SIM code's ``F.interpolate(scale_factor=2)``,
+    methods.md §5.2) -- not CondInst's aligned bilinear.
+    """
+    return F.interpolate(mask_feats.detach().float(), size=size, mode="bilinear", align_corners=False)
 
 
 def _upsample_normalised(mask_feats: Tensor, size: tuple[int, int]) -> Tensor:
-    """Stride-8 mask features ``[B,D,h8,w8]`` -> float32 ``[B,D,h,w]`` at stride 4, unit norm along D.
-
-    Plain bilinear with ``align_corners=False`` (the SIM code's ``F.interpolate(scale_factor=2)``,
-    methods.md §5.2) -- not CondInst's aligned bilinear -- then L2-normalised per pixel (§5.3-5.4).
-    """
-    up = F.interpolate(mask_feats.detach().float(), size=size, mode="bilinear", align_corners=False)
-    return F.normalize(up, dim=1, eps=_NORM_EPS)
+    """:func:`_upsample`, then L2-normalised per pixel along D (methods.md §5.3-5.4)."""
+    return F.normalize(_upsample(mask_feats, size), dim=1, eps=_NORM_EPS)
 
 
 def _instance_gt_boxes(instances: MaskInstances, inputs: SupervisionInputs) -> Tensor:
@@ -58,10 +71,14 @@ class SIMSupervision(nn.Module, MaskSupervision):
     the engine owns it (``BoxMaskModule.teacher``, EMA-updated after each optimiser step) and hands a
     reference over with :meth:`set_teacher`, so it is saved once, under ``teacher.*``.
 
-    Per step, :meth:`losses` returns ``{"loss_proj", "loss_pairwise", "loss_pseudo"}`` (float32 scalars):
+    Per step, :meth:`losses` returns ``{"loss_proj", "loss_pairwise", "loss_pseudo", "loss_paste"}``
+    (float32 scalars):
 
-    1. BoxInst projection + pairwise losses, exactly as :class:`~boxmask.supervision.boxinst.BoxInstSupervision`
-       (same config fields, pairwise warm-up and colour threshold).
+    1. BoxInst projection + pairwise losses, as :class:`~boxmask.supervision.boxinst.BoxInstSupervision`
+       (same config fields, pairwise warm-up and colour threshold); pasted objects use their paste mask
+       instead of their box mask (§5.6). With ``sim_pairwise_features`` (code, §5.2) the colour
+       similarity is multiplied by :func:`~boxmask.supervision.sim.feature_similarity` of the teacher
+       features ``Z'`` before the threshold ``color_threshold`` (the code uses 0.1 with it).
     2. Without gradient, the full teacher forward on ``inputs.images`` (``teacher._forward_features``);
        its dynamic mask head at the student's positives (same ``im_inds``/``loc_inds``/``locations``/
        ``levels``, i.e. the same GT assignment, §5.1) gives teacher mask probabilities ``p'``
@@ -87,12 +104,33 @@ class SIMSupervision(nn.Module, MaskSupervision):
        none), ``M_prob = (1 - α) M_S + α M_I`` (``α = sim_alpha``), pseudo mask and valid region by
        :func:`~boxmask.supervision.sim.pseudo_mask_targets` (``sim_low_threshold``, ``sim_high_range``,
        ``sim_inst_threshold``), and ``loss_pseudo = sim_pseudo_weight * pseudo_mask_loss(student
-       logits, target, valid, sim_pseudo_loss)``. Before that, ``loss_pseudo`` is a zero connected to
-       the logits, so the loss keys (and Lightning's logged metrics) never change.
+       logits, target, valid, sim_pseudo_loss)``. Pasted objects are left out of it (they have an exact
+       target, step 6). Before that, ``loss_pseudo`` is a zero connected to the logits, so the loss keys
+       (and Lightning's logged metrics) never change.
+    6. Copy-paste (``sim_copy_paste``, §5.6), also from ``sim_warmup_iters`` on:
 
-    Not wired yet: SIM's online copy-paste (§5.6, ``λ2 L_paste``) and the code-only feature-aware
-    pairwise affinity (§5.2). All maps and targets are float32 on the logits' device; only
-    ``loss_pseudo`` (besides the BoxInst terms) carries gradient, to the student's logits.
+       * *bank fill* (here, every step): per image, the instance map ``M_I`` of each GT with positives
+         is bilinearly upsampled ×4 to the padded input size; paste mask ``= [M_I > sim_inst_threshold]``
+         ∧ the full-resolution box mask, score = mean ``M_I`` inside it. Instances with an empty paste
+         mask are left out, at most ``sim_bank_max_instances`` highest-score ones are kept, and the
+         image (with its masks) is pushed into the FIFO :class:`~boxmask.supervision.copy_paste.MemoryBank`
+         of ``sim_bank_size`` entries -- unless no instance is left.
+       * *pasting* (:meth:`prepare_inputs`, before the forward): once the bank is full, with probability
+         ``sim_paste_prob`` per step, every image of the batch receives ``clamp(floor(sim_paste_fraction
+         N), 1, sim_paste_max)`` instances (drawn with replacement, ∝ score³) of one random entry,
+         cropped to the image's valid (unpadded) region; occluded objects shrink or are dropped.
+       * ``loss_paste = sim_paste_weight · pseudo_mask_loss(logits, paste mask, all pixels,
+         sim_pseudo_loss)`` over the positives of pasted objects (paste mask point-sampled at the mask
+         stride); zero when none.
+
+       Random draws use a CPU generator seeded by ``(step, rank)`` only, so ``--resume`` continues
+       exactly. Under DDP every process keeps its own bank; checkpoints (written by rank 0) hold rank 0's.
+
+    Memory of the bank: an entry is its padded uint8 image plus ``N <= sim_bank_max_instances`` bool masks
+    of the same size, ``(3 + N)·Hp·Wp`` bytes, so at most ``sim_bank_size · (3 + sim_bank_max_instances) ·
+    Hp · Wp`` bytes of host memory (and checkpoint): ≈ 1.0 GB for 100 entries of 576×768 with 20
+    instances, ≈ 0.2 GB with 3 instances. All maps and targets are float32 on the logits' device; only
+    ``loss_pseudo`` and ``loss_paste`` (besides the BoxInst terms) carry gradient, to the student's logits.
 
     Args:
         cfg: supervision config with ``type == "sim"`` and the ``sim_*`` fields.
@@ -120,7 +158,28 @@ class SIMSupervision(nn.Module, MaskSupervision):
         self.cfg = cfg
         self.boxinst = BoxInstSupervision(cfg)  # a plain object: no state of its own
         self.register_buffer("prototypes", init_prototypes(num_classes, cfg.sim_num_prototypes, mask_channels))
+        self.bank = MemoryBank(cfg.sim_bank_size) if cfg.sim_copy_paste else None
         self._set_teacher_ref(None)
+
+    def get_extra_state(self) -> dict:
+        """The memory bank (:meth:`MemoryBank.state_dict`), so ``state_dict()`` and checkpoints carry it."""
+        return {"bank": None if self.bank is None else self.bank.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore the memory bank saved by :meth:`get_extra_state`.
+
+        Raises:
+            ValueError: if the checkpoint has a bank but copy-paste is off, or a different capacity.
+        """
+        bank = state.get("bank") if isinstance(state, dict) else None
+        if bank is None:
+            if self.bank is not None:
+                self.bank.clear()
+            return
+        if self.bank is None:
+            raise ValueError("SIMSupervision: the checkpoint holds a copy-paste memory bank but "
+                             "supervision.sim_copy_paste is false")
+        self.bank.load_state_dict(bank)
 
     def _set_teacher_ref(self, teacher: nn.Module | None) -> None:
         # object.__setattr__ bypasses nn.Module registration: the teacher must not become a submodule
@@ -141,7 +200,71 @@ class SIMSupervision(nn.Module, MaskSupervision):
 
     def extra_repr(self) -> str:
         c, l, d = self.prototypes.shape
-        return f"prototypes=[{c}, {l}, {d}], warmup_iters={self.cfg.sim_warmup_iters}"
+        bank = "off" if self.bank is None else f"{len(self.bank)}/{self.bank.capacity}"
+        return f"prototypes=[{c}, {l}, {d}], warmup_iters={self.cfg.sim_warmup_iters}, bank={bank}"
+
+    # ------------------------------------------------------------------ copy-paste
+    def prepare_inputs(self, inputs: SupervisionInputs, step: int) -> SupervisionInputs:
+        """SIM's online copy-paste (methods.md §5.6; class docstring, step 6) on a box-only batch view.
+
+        Returns ``inputs`` unchanged when copy-paste is off, before ``sim_warmup_iters``, while the bank
+        is not full, or when this step's draw (probability ``1 - sim_paste_prob``) says so; otherwise a
+        new view with pasted ``images`` (uint8 ``[B,3,Hp,Wp]``, a copy), updated ``boxes``/``labels`` and
+        ``pasted``/``paste_masks`` set. The input tensors are not modified.
+        """
+        cfg = self.cfg
+        if self.bank is None or step < cfg.sim_warmup_iters or not self.bank.full:
+            return inputs
+        rank, world = _rank_world()
+        g = torch.Generator().manual_seed(_PASTE_SEED * 1_000_003 + step * world + rank)
+        if float(torch.rand((), generator=g)) >= cfg.sim_paste_prob:
+            return inputs
+        images = inputs.images.clone()
+        boxes, labels, pasted, paste_masks = [], [], [], []
+        for b in range(images.shape[0]):
+            entry = self.bank.sample(g)
+            idx = select_instances(entry.scores, g, cfg.sim_paste_fraction, cfg.sim_paste_max)
+            src_masks = entry.masks[idx].clone()
+            h, w = inputs.image_sizes[b]
+            src_masks[:, h:] = False  # paste into the image only, not its padding
+            src_masks[:, :, w:] = False
+            res = paste_instances(images[b], inputs.boxes[b], inputs.labels[b], None, entry.image, src_masks,
+                                  entry.labels[idx])
+            images[b] = res.image
+            boxes.append(res.boxes.to(inputs.boxes[b].dtype))
+            labels.append(res.labels)
+            pasted.append(res.pasted)
+            paste_masks.append(res.masks & res.pasted[:, None, None])
+        return SupervisionInputs(images=images, image_sizes=inputs.image_sizes, orig_sizes=inputs.orig_sizes,
+                                 boxes=boxes, labels=labels, masks=None, has_mask=None, pasted=pasted,
+                                 paste_masks=paste_masks)
+
+    @torch.no_grad()
+    def _fill_bank(self, instances: MaskInstances, inputs: SupervisionInputs, m_inst: Tensor) -> None:
+        """Push one :class:`PasteEntry` per image of the batch (class docstring, step 6, bank fill)."""
+        cfg = self.cfg
+        hp, wp = inputs.images.shape[-2:]
+        for b in torch.unique(instances.im_inds).tolist():
+            in_image = torch.nonzero(instances.im_inds == b).flatten()
+            gts, first = np.unique(instances.gt_inds[in_image].cpu().numpy(), return_index=True)
+            rows = in_image[torch.as_tensor(first, device=in_image.device)]
+            gt_boxes = inputs.boxes[b][torch.as_tensor(gts)].to(m_inst.device)
+            masks, scores = [], []
+            for lo in range(0, len(rows), _UPSAMPLE_CHUNK):
+                probs = F.interpolate(m_inst[rows[lo:lo + _UPSAMPLE_CHUNK], None], size=(hp, wp), mode="bilinear",
+                                      align_corners=False)[:, 0]
+                m = (probs > cfg.sim_inst_threshold) & box_masks_full_res(gt_boxes[lo:lo + _UPSAMPLE_CHUNK], (hp, wp))
+                area = m.sum(dim=(1, 2))
+                scores.append((probs * m).sum(dim=(1, 2)) / area.clamp(min=1))
+                masks.append(m)
+            masks, scores = torch.cat(masks), torch.cat(scores)
+            keep = torch.nonzero(masks.flatten(1).any(dim=1)).flatten()
+            if len(keep) == 0:
+                continue
+            keep = keep[scores[keep].argsort(descending=True)[:cfg.sim_bank_max_instances]]
+            cls = inputs.labels[b].to(m_inst.device)[torch.as_tensor(gts, device=m_inst.device)]
+            self.bank.push(PasteEntry(inputs.images[b], masks[keep].to(inputs.images.device),
+                                      cls[keep].to(inputs.images.device), scores[keep].to(inputs.images.device)))
 
     # ------------------------------------------------------------------ losses
     def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
@@ -161,19 +284,26 @@ class SIMSupervision(nn.Module, MaskSupervision):
             ValueError: if a CondInst field is missing or the teacher was not set.
         """
         cfg = self.cfg
-        out = self.boxinst.losses(instances, inputs, step)
         logits = instances.logits.float()
         # a +0 (not -0, which logs oddly) that keeps the logits in the graph
         zero = logits.new_zeros(()) + 0.0 * logits.sum()
         if len(instances) == 0:
+            out = self.boxinst.losses(instances, inputs, step)
             self._sync_prototypes()  # every rank must join the collective
-            out["loss_pseudo"] = zero
+            out.update(loss_pseudo=zero, loss_paste=zero)
             return out
         self._check_inputs(instances)
+        size = tuple(logits.shape[-2:])
         with torch.no_grad():
-            size = tuple(logits.shape[-2:])
-            t_probs, t_feats = self._teacher_outputs(inputs.images, instances, size)
+            t_probs, t_feats_raw = self._teacher_outputs(inputs.images, instances, size)
+            t_feats = F.normalize(t_feats_raw, dim=1, eps=_NORM_EPS)
             box_masks = instance_box_masks(instances, inputs)
+            pasted, paste_targets = self._paste_targets(instances, inputs)
+            if pasted is not None:
+                box_masks = torch.where(pasted[:, None, None], paste_targets, box_masks)
+            scale = feature_similarity(t_feats_raw, cfg.pairwise_dilation) if cfg.sim_pairwise_features else None
+        out = self.boxinst.losses(instances, inputs, step, box_masks=box_masks, similarity_scale=scale)
+        with torch.no_grad():
             weights = None
             if cfg.sim_instance_map == "iou":
                 weights = iou_weights(instances.pred_boxes, _instance_gt_boxes(instances, inputs), cfg.sim_iou_mu)
@@ -181,16 +311,45 @@ class SIMSupervision(nn.Module, MaskSupervision):
             self._update_prototypes(instances, m_inst, box_masks, t_feats, size)
         self._sync_prototypes()
         if step < cfg.sim_warmup_iters:
-            out["loss_pseudo"] = zero
+            out.update(loss_pseudo=zero, loss_paste=zero)
             return out
         with torch.no_grad():
+            if self.bank is not None:
+                self._fill_bank(instances, inputs, m_inst)
             m_sem = self._semantic_maps(instances, t_feats)
             m_prob = (1.0 - cfg.sim_alpha) * m_sem + cfg.sim_alpha * m_inst
             target, valid = pseudo_mask_targets(m_prob, m_inst, box_masks, instances.gt_inds, instances.im_inds,
                                                 cfg.sim_low_threshold, tuple(cfg.sim_high_range),
                                                 cfg.sim_inst_threshold)
+            if pasted is not None:
+                valid = valid & ~pasted[:, None, None]
         out["loss_pseudo"] = cfg.sim_pseudo_weight * pseudo_mask_loss(logits, target, valid, cfg.sim_pseudo_loss)
+        if pasted is not None and bool(pasted.any()):
+            sel = torch.nonzero(pasted).flatten()
+            out["loss_paste"] = cfg.sim_paste_weight * pseudo_mask_loss(
+                logits[sel], paste_targets[sel], torch.ones_like(paste_targets[sel], dtype=torch.bool),
+                cfg.sim_pseudo_loss)
+        else:
+            out["loss_paste"] = zero
         return out
+
+    @staticmethod
+    def _paste_targets(instances: MaskInstances, inputs: SupervisionInputs) -> tuple[Tensor | None, Tensor | None]:
+        """bool ``[K]`` pasted flag and float32 ``[K,h,w]`` paste mask (point-sampled at the mask stride,
+        like box masks) of each positive; ``(None, None)`` for a batch without pastes."""
+        if inputs.pasted is None or inputs.paste_masks is None:
+            return None, None
+        device, s = instances.logits.device, instances.stride
+        flags = torch.cat([p.to(device) for p in inputs.pasted])
+        counts = torch.tensor([0] + [len(p) for p in inputs.pasted], device=device)
+        rows = torch.cumsum(counts, 0)[:-1][instances.im_inds] + instances.gt_inds
+        pasted = flags[rows]
+        h, w = instances.logits.shape[-2:]
+        targets = instances.logits.new_zeros((len(instances), h, w), dtype=torch.float32)
+        for k in torch.nonzero(pasted).flatten().tolist():
+            m = inputs.paste_masks[int(instances.im_inds[k])][int(instances.gt_inds[k])]
+            targets[k] = m[s // 2::s, s // 2::s][:h, :w].to(device=device, dtype=torch.float32)
+        return pasted, targets
 
     def _check_inputs(self, instances: MaskInstances) -> None:
         missing = [name for name in ("loc_inds", "locations", "levels", "mask_feats")
@@ -205,8 +364,8 @@ class SIMSupervision(nn.Module, MaskSupervision):
 
     @torch.no_grad()
     def _teacher_outputs(self, images: Tensor, instances: MaskInstances, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Teacher mask probabilities float32 ``[K,h4,w4]`` at the student's positives and unit-norm
-        teacher features float32 ``[B,D,h4,w4]`` (methods.md §5.1)."""
+        """Teacher mask probabilities float32 ``[K,h4,w4]`` at the student's positives and the teacher
+        mask features upsampled to stride 4, float32 ``[B,D,h4,w4]``, not normalised (methods.md §5.1)."""
         teacher = self._teacher
         _, _, _, params, mask_feats, _ = teacher._forward_features(images)
         flat_params = flatten_levels(params)
@@ -217,7 +376,7 @@ class SIMSupervision(nn.Module, MaskSupervision):
                                    instances.locations, instances.levels)
         if tuple(logits.shape[-2:]) != size:
             raise ValueError(f"SIMSupervision: teacher mask logits are {tuple(logits.shape[-2:])}, student {size}")
-        return logits.float().sigmoid()[:, 0], _upsample_normalised(mask_feats, size)
+        return logits.float().sigmoid()[:, 0], _upsample(mask_feats, size)
 
     @torch.no_grad()
     def _update_prototypes(self, instances: MaskInstances, m_inst: Tensor, box_masks: Tensor, t_feats: Tensor,

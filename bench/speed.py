@@ -49,6 +49,14 @@ sample, resized to exactly the stated size with their boxes), it measures, as me
   filters, energies and projection, forward + backward), ``levelset_fraction`` (target <= 0.3) and
   ``levelset_loss_peak_mem_bytes``.
 
+* with ``--sim``: the same network trained by ``supervision.type=sim`` (methods.md §5) with every SIM
+  path active -- teacher forward, prototype update, pseudo-mask loss, bank fill and copy-paste with
+  probability 1 from a full bank, EMA update after the optimiser step -- and ``sim_inst_threshold=0`` so a
+  randomly initialised teacher's pixels all count as confident (the worst case; a trained teacher has
+  fewer): ``sim_step_s`` and ``sim_overhead = sim_step_s / step_s - 1`` over the BoxInst step of the same
+  line. Inference is not timed again: the teacher is training-only, a SIM checkpoint loads as the
+  same network as BoxInst's.
+
 One JSON line per config is printed and appended to ``bench/results/speed.jsonl`` (``--output``).
 Targets of the issue: ``loss_speedup >= 3``, ``loss_mem_ratio <= 0.5``, ``loss_max_rel_diff <= 1e-4``,
 ``loss_fraction < 0.15`` (loss path / step); recorded under ``targets``.
@@ -463,7 +471,7 @@ def build_bench_config(name: str, overrides: Sequence[str] = ()) -> Config:
 def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 2, dataset: str | None = None,
                image_size: tuple[int, int] | None = None, batch: int | None = None, overrides: Sequence[str] = (),
                precision: str = "auto", seed: int = 0, log: Callable[[str], None] | None = None,
-               levelset: bool = False) -> dict:
+               levelset: bool = False, sim: bool = False) -> dict:
     """Run the whole benchmark for one config and return its JSON record (see the module doc).
 
     Args:
@@ -478,6 +486,7 @@ def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 
         seed: model initialisation seed.
         log: progress callback (e.g. ``print`` to stderr); None for silence.
         levelset: also time the level-set supervision (``levelset_*`` fields, see the module doc).
+        sim: also time a SIM training step (``sim_*`` fields, see the module doc).
 
     Raises:
         KeyError / ValueError: unknown config, bad precision or device, too few images.
@@ -649,6 +658,10 @@ def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 
     if levelset:
         say(f"[{name}] level-set supervision ...")
         record.update(levelset_timing(cfg, num_classes, data, inputs, dev, reps, warmup, seed, amp))
+    if sim:
+        say(f"[{name}] SIM supervision ...")
+        record.update(sim_timing(cfg, num_classes, data, inputs, dev, reps, warmup, seed, amp))
+        record["sim_overhead"] = record["sim_step_s"] / record["step_s"] - 1.0
     record["targets"] = {
         "loss_speedup>=3": record["loss_speedup"] >= 3.0,
         "loss_mem_ratio<=0.5": record["loss_mem_ratio"] is not None and record["loss_mem_ratio"] <= 0.5,
@@ -712,6 +725,48 @@ def levelset_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.devi
             "levelset_loss_peak_mem_bytes": mem}
 
 
+def sim_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.device, reps: int, warmup: int,
+               seed: int, amp: Callable[[], contextlib.AbstractContextManager]) -> dict:
+    """A full SIM training step on the same network and batch (``sim_step_s``, see the module doc).
+
+    Step = copy-paste (:meth:`SIMSupervision.prepare_inputs`, probability 1, from a bank filled with
+    the batch's own images and filled-box masks) + student forward + teacher forward + SIM losses
+    (prototype update, pseudo-mask and paste losses, bank fill) + backward + optimiser step + EMA update.
+    """
+    import copy
+
+    from boxmask.supervision.copy_paste import PasteEntry, box_masks_full_res
+    from boxmask.supervision.sim import ema_update_
+    from boxmask.supervision.sim_supervision import SIMSupervision
+
+    sup_cfg = dataclasses.replace(cfg.supervision, type="sim", sim_warmup_iters=0, sim_inst_threshold=0.0,
+                                  sim_paste_prob=1.0)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes).to(dev).train()
+    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = build_optimizer(model, cfg.solver)
+    supervision = SIMSupervision(sup_cfg, num_classes, cfg.model.mask_channels).to(dev)
+    supervision.set_teacher(teacher)
+    hw = tuple(inputs.images.shape[-2:])
+    while not supervision.bank.full:
+        for b in range(inputs.images.shape[0]):
+            boxes = inputs.boxes[b]
+            supervision.bank.push(PasteEntry(inputs.images[b], box_masks_full_res(boxes, hw).to(inputs.images.device),
+                                             inputs.labels[b], torch.ones(len(boxes), device=inputs.images.device)))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        pasted = supervision.prepare_inputs(inputs, 1)
+        with amp():
+            losses = model.training_losses(pasted.images, pasted, supervision, step=1)
+        sum(losses.values()).backward()
+        opt.step()
+        ema_update_(teacher, model, sup_cfg.sim_teacher_momentum)
+
+    return {"sim_step_s": time_call(step, dev, reps, warmup), "sim_bank_entries": len(supervision.bank),
+            "sim_bank_bytes": supervision.bank.nbytes}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """CLI entry point; returns the records it printed and appended."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -730,6 +785,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="dotted config override applied to every config (repeatable)")
     ap.add_argument("--levelset", action="store_true",
                     help="also time the level-set supervision (BoxLevelSet losses on the same network)")
+    ap.add_argument("--sim", action="store_true",
+                    help="also time a SIM training step (teacher, prototypes, pseudo masks, copy-paste)")
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON-lines file to append to")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -741,7 +798,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.configs:
         rec = run_config(name, device=args.device, reps=args.reps, warmup=args.warmup, dataset=args.dataset,
                          image_size=image_size, batch=args.batch, overrides=args.overrides, precision=args.precision,
-                         log=lambda m: print(m, file=sys.stderr, flush=True), levelset=args.levelset)
+                         log=lambda m: print(m, file=sys.stderr, flush=True), levelset=args.levelset,
+                         sim=args.sim)
         line = json.dumps(rec)
         print(line, flush=True)
         with out.open("a") as f:

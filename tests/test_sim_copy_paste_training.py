@@ -55,6 +55,7 @@ def test_prepare_inputs_pastes_from_a_full_bank(tmp_path):
     images_before = batch.images.clone()
     out = sup.prepare_inputs(inputs, 5)
     assert out is not inputs and torch.equal(batch.images, images_before), "the input batch is not modified"
+    assert out.masks is None and out.has_mask is None, "box-only: no ground-truth masks"
     for b in range(len(batch)):
         h, w = batch.image_sizes[b]
         assert out.pasted[b].dtype == torch.bool and int(out.pasted[b].sum()) == 1 and bool(out.pasted[b][-1])
@@ -192,3 +193,58 @@ def test_feature_aware_pairwise_option(tmp_path):
         out[flag] = module.model.training_losses(batch.images, supervision_inputs(batch, False), module.supervision, 5)
     assert out[True]["loss_proj"].item() == pytest.approx(out[False]["loss_proj"].item(), rel=1e-6)
     assert out[True]["loss_pairwise"].item() != pytest.approx(out[False]["loss_pairwise"].item(), rel=1e-3)
+
+
+def test_cli_train_eval_predict_annotate_with_sim(tmp_path, capsys):
+    """SIM (copy-paste active) through the same CLI; the checkpoint loads as the plain CondInst student,
+    the same network as BoxInst's, so inference costs the same."""
+    import json
+
+    from boxmask.cli import main
+    from boxmask.data.sample import sample_paths
+    from boxmask.engine.inference import load_checkpoint
+    from boxmask.modeling.condinst import build_model
+    from test_training import TINY, check_annotate_one_sample_image
+
+    out = tmp_path / "train"
+    rc = main(["train", "boxinst_effnet-lite0_fpn_dsb2018-sample", *TINY, *PASTE, ALL_BOX_PIXELS,
+               "supervision.sim_bank_size=2", f"trainer.output_dir={out}", "solver.max_iters=3",
+               "model.score_threshold=0.0"])
+    assert rc == 0
+    ckpt = out / "checkpoints" / "model_final.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert len(state["supervision._extra_state"]["bank"]["entries"]) == 2
+    model, cfg, _ = load_checkpoint(ckpt)
+    assert cfg.supervision.type == "sim"
+    plain = build_model(cfg.model, 1)
+    assert type(model) is type(plain) and model.state_dict().keys() == plain.state_dict().keys()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+
+    assert main(["eval", str(ckpt), "--output", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    assert "| segm |" in capsys.readouterr().out
+    image = sorted(sample_paths()["image_dir"].iterdir())[0]
+    assert main(["predict", str(ckpt), str(image), "-o", str(tmp_path / "pred"), "--score-threshold", "0.0",
+                 "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "pred" / "results.json").read_text())
+
+    check_annotate_one_sample_image(main, ckpt, tmp_path)
+
+
+def test_paste_loss_modes_and_pseudo_weight_ramp(tmp_path):
+    from boxmask.supervision.sim_supervision import paste_loss
+
+    logits = torch.tensor([[[2.0, -1.0], [0.5, -3.0]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    p = logits.sigmoid()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()
+    dice = 1 - 2 * (p * target).sum() / ((p * p).sum() + (target * target).sum() + 1e-5)
+    assert paste_loss(logits, target, "paper").item() == pytest.approx(bce + dice.item(), rel=1e-5)
+    pt = p * target + (1 - p) * (1 - target)
+    at = 0.25 * target + 0.75 * (1 - target)
+    focal = (at * (1 - pt) ** 2 * torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target, reduction="none")).sum() / (4 + 1)
+    assert paste_loss(logits, target, "code").item() == pytest.approx(focal.item() + dice.item(), rel=1e-5)
+    module = _module(tmp_path, "supervision.sim_pseudo_ramp_iters=100", "supervision.sim_pseudo_weight=0.3")
+    assert module.supervision.pseudo_weight(50) == pytest.approx(0.15)
+    assert module.supervision.pseudo_weight(500) == pytest.approx(0.3)
+    assert _module(tmp_path).supervision.pseudo_weight(50) == 0.5

@@ -15,7 +15,7 @@ from boxmask.modeling.fpn import SOLOFPN
 from boxmask.modeling.solo_targets import solo_targets
 from boxmask.modeling.solov2 import SOLOv2, coord_features, point_nms
 from boxmask.supervision.base import MaskSupervision, SupervisionInputs
-from test_training import TINY, _sample_batch, losses_real_and_garbage_masks
+from test_training import TINY, _sample_batch, check_annotate_one_sample_image, losses_real_and_garbage_masks
 
 SOLO = ["model.arch=solov2", "model.solo_head_channels=32", "model.mask_channels=16", "model.level_set_channels=5",
         "supervision.type=levelset", "supervision.projection_weight=3.0"]
@@ -244,18 +244,7 @@ def test_cli_train_eval_predict_annotate_with_a_boxlevelset_recipe(tmp_path, cap
     results = json.loads((tmp_path / "pred" / "results.json").read_text())
     assert results and all(r["category_id"] == 1 for r in results)
 
-    ann = tmp_path / "boxes.json"
-    data = json.loads(sample_paths()["val_json"].read_text())
-    first = data["images"][0]["id"]
-    data["images"] = data["images"][:1]
-    data["annotations"] = [{k: v for k, v in a.items() if k != "segmentation"} for a in data["annotations"]
-                           if a["image_id"] == first]
-    ann.write_text(json.dumps(data))
-    masks_json = tmp_path / "masks.json"
-    assert main(["annotate", str(ckpt), "--ann-file", str(ann), "--images", str(sample_paths()["image_dir"]),
-                 "-o", str(masks_json), "--device", "cpu", "--no-resume"]) == 0
-    written = json.loads(masks_json.read_text())["annotations"]
-    assert len(written) == len(data["annotations"]) and all("segmentation" in a for a in written)
+    check_annotate_one_sample_image(main, ckpt, tmp_path)
 
 
 NUTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nuts"

@@ -47,7 +47,7 @@ def _loss_inputs(model_mode: str = "train"):
 def test_benchmark_writes_issue_fields_and_paths_agree(tmp_path):
     out = tmp_path / "speed.jsonl"
     records = speed.main(["--configs", "lite0", "--image-size", "128", "--reps", "1", "--warmup", "0",
-                          "--dataset", "sample", "--device", "cpu", "--threads", "1", "--output", str(out), "--levelset",
+                          "--dataset", "sample", "--device", "cpu", "--threads", "1", "--output", str(out), "--levelset", "--sim",
                           *[a for o in TINY for a in ("--set", o)]])
     lines = out.read_text().splitlines()
     assert len(records) == 1 and len(lines) == 1
@@ -82,6 +82,9 @@ def test_benchmark_writes_issue_fields_and_paths_agree(tmp_path):
                                    "loss_fraction<0.15", "levelset_fraction<=0.3"}
     assert rec["levelset_step_s"] > 0 and rec["levelset_loss_path_s"] > 0 and rec["levelset_loss_peak_mem_bytes"] > 0
     assert rec["levelset_fraction"] == pytest.approx(rec["levelset_loss_path_s"] / rec["levelset_step_s"])
+    # SIM: a full bank of the batch's own images (capacity 100), the step ratio over BoxInst's
+    assert rec["sim_step_s"] > 0 and rec["sim_bank_entries"] == 100 and rec["sim_bank_bytes"] > 0
+    assert rec["sim_overhead"] == pytest.approx(rec["sim_step_s"] / rec["step_s"] - 1.0)
 
 
 def test_paths_agree_on_varied_logits():

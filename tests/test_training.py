@@ -142,3 +142,22 @@ def test_real_data_training_mask_ap_beats_boxfill(tmp_path):
     print(f"mask AP {segm:.1f}, box-filled mask AP {boxfill:.1f}, box AP {bbox:.1f}")
     assert bbox > 10.0, "the detector did not learn"
     assert segm > boxfill + 3.0
+
+
+def check_annotate_one_sample_image(main, ckpt, tmp_path) -> None:
+    """``boxmask annotate`` on the first val image of the bundled sample with its boxes only (no
+    segmentation): every box gets a mask."""
+    import json
+
+    ann = tmp_path / "boxes.json"
+    data = json.loads(sample_paths()["val_json"].read_text())
+    first = data["images"][0]["id"]
+    data["images"] = data["images"][:1]
+    data["annotations"] = [{k: v for k, v in a.items() if k != "segmentation"} for a in data["annotations"]
+                           if a["image_id"] == first]
+    ann.write_text(json.dumps(data))
+    masks_json = tmp_path / "masks.json"
+    assert main(["annotate", str(ckpt), "--ann-file", str(ann), "--images", str(sample_paths()["image_dir"]),
+                 "-o", str(masks_json), "--device", "cpu", "--no-resume"]) == 0
+    written = json.loads(masks_json.read_text())["annotations"]
+    assert len(written) == len(data["annotations"]) and all("segmentation" in a for a in written)

@@ -153,6 +153,9 @@ class SupervisionConfig:
     #: lambda_1 of the pseudo-mask loss and its form: "paper" (BCE + dice) or "code" (focal BCE) (§5.5)
     sim_pseudo_weight: float = 0.5
     sim_pseudo_loss: str = "paper"
+    #: code: the pseudo-mask weight ramps as sim_pseudo_weight * min(step / this, 1) (code 270000 with
+    #: weight 0.3); 0 = paper, constant weight (§5.5)
+    sim_pseudo_ramp_iters: int = 0
     #: iterations with BoxInst losses only; the pseudo-mask loss is on from this step (0-based) (§5.4)
     sim_warmup_iters: int = 10000
     #: online weakly-supervised copy-paste (§5.6): on/off, FIFO bank size (paper 100, code 50), at most
@@ -390,6 +393,8 @@ def _validate_sim(cfg: Config) -> None:
         raise ConfigError(f"supervision.sim_high_range must be [lo, hi] with lo <= hi, got {high}")
     if sup.sim_warmup_iters < 0:
         raise ConfigError(f"supervision.sim_warmup_iters must be >= 0, got {sup.sim_warmup_iters}")
+    if sup.sim_pseudo_ramp_iters < 0:
+        raise ConfigError(f"supervision.sim_pseudo_ramp_iters must be >= 0, got {sup.sim_pseudo_ramp_iters}")
     for name in ("sim_bank_size", "sim_bank_max_instances", "sim_paste_max"):
         if getattr(sup, name) < 1:
             raise ConfigError(f"supervision.{name} must be >= 1, got {getattr(sup, name)}")

@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from ..config import SIM_INSTANCE_MAPS, SIM_PSEUDO_LOSSES, SupervisionConfig
 from ..modeling.fcos import flatten_levels
 from .base import MaskInstances, MaskSupervision, SupervisionInputs
-from .boxinst import BoxInstSupervision, instance_box_masks
+from .boxinst import BoxInstSupervision, _dice_loss, instance_box_masks
 from .copy_paste import MemoryBank, PasteEntry, box_masks_full_res, paste_instances, select_instances
 from .sim import (feature_similarity, init_prototypes, instance_map, iou_weights, pseudo_mask_loss,
                   pseudo_mask_targets, semantic_map, update_prototypes)
 
-__all__ = ["SIMSupervision"]
+__all__ = ["SIMSupervision", "paste_loss"]
 
 _NORM_EPS = 1e-12  # F.normalize floor, as in boxmask.supervision.sim
 _PASTE_SEED = 0x51D  # copy-paste draws use a generator seeded by (this, step, rank): exact resumes
@@ -50,6 +50,32 @@ def _upsample(mask_feats: Tensor, size: tuple[int, int]) -> Tensor:
 def _upsample_normalised(mask_feats: Tensor, size: tuple[int, int]) -> Tensor:
     """:func:`_upsample`, then L2-normalised per pixel along D (methods.md §5.3-5.4)."""
     return F.normalize(_upsample(mask_feats, size), dim=1, eps=_NORM_EPS)
+
+
+def paste_loss(mask_logits: Tensor, paste_masks: Tensor, mode: str = "paper") -> Tensor:
+    """SIM paste loss ``L_paste`` of pasted instances against their exact paste masks (methods.md §5.6).
+
+    ``mode="paper"``: :func:`~boxmask.supervision.sim.pseudo_mask_loss` (BCE + dice) with every pixel
+    valid; ``mode="code"``: the code's focal-style BCE (same helper) plus the BoxInst dice on the
+    probabilities, mean over instances. Multiply by ``λ2 = sim_paste_weight`` (1.0).
+
+    Args:
+        mask_logits: float ``[P,1,h,w]`` or ``[P,h,w]`` student mask logits of the pasted positives.
+        paste_masks: float/bool ``[P,h,w]`` 0/1 paste masks at the same stride.
+        mode: ``"paper"`` or ``"code"``.
+
+    Returns:
+        float32 scalar ``>= 0`` (``0`` connected to the graph when ``P == 0``).
+
+    Raises:
+        ValueError: on shape mismatch or an unknown mode.
+    """
+    target = paste_masks.float()
+    loss = pseudo_mask_loss(mask_logits, target, torch.ones_like(target, dtype=torch.bool), mode)
+    if mode == "code" and target.shape[0] > 0:
+        probs = mask_logits.float().reshape(target.shape[0], -1).sigmoid()
+        loss = loss + _dice_loss(probs, target.reshape(target.shape[0], -1).to(probs)).mean()
+    return loss
 
 
 def _instance_gt_boxes(instances: MaskInstances, inputs: SupervisionInputs) -> Tensor:
@@ -103,8 +129,8 @@ class SIMSupervision(nn.Module, MaskSupervision):
        the (just updated) prototypes of each positive's class (temperature ``sim_temperature``; 0 = code,
        none), ``M_prob = (1 - α) M_S + α M_I`` (``α = sim_alpha``), pseudo mask and valid region by
        :func:`~boxmask.supervision.sim.pseudo_mask_targets` (``sim_low_threshold``, ``sim_high_range``,
-       ``sim_inst_threshold``), and ``loss_pseudo = sim_pseudo_weight * pseudo_mask_loss(student
-       logits, target, valid, sim_pseudo_loss)``. Pasted objects are left out of it (they have an exact
+       ``sim_inst_threshold``), and ``loss_pseudo = λ1 * pseudo_mask_loss(student logits, target, valid,
+       sim_pseudo_loss)`` with ``λ1`` = :meth:`pseudo_weight` (constant, or the code's linear ramp). Pasted objects are left out of it (they have an exact
        target, step 6). Before that, ``loss_pseudo`` is a zero connected to the logits, so the loss keys
        (and Lightning's logged metrics) never change.
     6. Copy-paste (``sim_copy_paste``, §5.6), also from ``sim_warmup_iters`` on:
@@ -119,9 +145,9 @@ class SIMSupervision(nn.Module, MaskSupervision):
          ``sim_paste_prob`` per step, every image of the batch receives ``clamp(floor(sim_paste_fraction
          N), 1, sim_paste_max)`` instances (drawn with replacement, ∝ score³) of one random entry,
          cropped to the image's valid (unpadded) region; occluded objects shrink or are dropped.
-       * ``loss_paste = sim_paste_weight · pseudo_mask_loss(logits, paste mask, all pixels,
-         sim_pseudo_loss)`` over the positives of pasted objects (paste mask point-sampled at the mask
-         stride); zero when none.
+       * ``loss_paste = sim_paste_weight · paste_loss(logits, paste mask, sim_pseudo_loss)`` over the
+         positives of pasted objects (paste mask point-sampled at the mask stride; :func:`paste_loss`:
+         BCE + dice, or the code's focal BCE + dice); zero when none.
 
        Random draws use a CPU generator seeded by ``(step, rank)`` only, so ``--resume`` continues
        exactly. Under DDP every process keeps its own bank; checkpoints (written by rank 0) hold rank 0's.
@@ -323,15 +349,19 @@ class SIMSupervision(nn.Module, MaskSupervision):
                                                 cfg.sim_inst_threshold)
             if pasted is not None:
                 valid = valid & ~pasted[:, None, None]
-        out["loss_pseudo"] = cfg.sim_pseudo_weight * pseudo_mask_loss(logits, target, valid, cfg.sim_pseudo_loss)
+        out["loss_pseudo"] = self.pseudo_weight(step) * pseudo_mask_loss(logits, target, valid, cfg.sim_pseudo_loss)
         if pasted is not None and bool(pasted.any()):
             sel = torch.nonzero(pasted).flatten()
-            out["loss_paste"] = cfg.sim_paste_weight * pseudo_mask_loss(
-                logits[sel], paste_targets[sel], torch.ones_like(paste_targets[sel], dtype=torch.bool),
-                cfg.sim_pseudo_loss)
+            out["loss_paste"] = cfg.sim_paste_weight * paste_loss(logits[sel], paste_targets[sel], cfg.sim_pseudo_loss)
         else:
             out["loss_paste"] = zero
         return out
+
+    def pseudo_weight(self, step: int) -> float:
+        """λ1 at 0-based ``step``: ``sim_pseudo_weight``, times ``min(step / sim_pseudo_ramp_iters, 1)``
+        when the code's ramp is on (methods.md §5.5; the pseudo loss itself starts at ``sim_warmup_iters``)."""
+        ramp = self.cfg.sim_pseudo_ramp_iters
+        return self.cfg.sim_pseudo_weight * (min(step / ramp, 1.0) if ramp > 0 else 1.0)
 
     @staticmethod
     def _paste_targets(instances: MaskInstances, inputs: SupervisionInputs) -> tuple[Tensor | None, Tensor | None]:

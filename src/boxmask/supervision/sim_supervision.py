@@ -294,7 +294,7 @@ class SIMSupervision(nn.Module, MaskSupervision):
 
     # ------------------------------------------------------------------ losses
     def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
-        """BoxInst losses + ``loss_pseudo`` for one batch (see the class docstring for the steps).
+        """BoxInst losses + ``loss_pseudo`` + ``loss_paste`` for one batch (see the class docstring for the steps).
 
         Args:
             instances: sampled positives from CondInst: ``logits`` float ``[K,1,h4,w4]`` and the
@@ -304,7 +304,7 @@ class SIMSupervision(nn.Module, MaskSupervision):
             step: 0-based global optimisation step (warm-ups).
 
         Returns:
-            ``{"loss_proj", "loss_pairwise", "loss_pseudo"}``, float32 scalars.
+            ``{"loss_proj", "loss_pairwise", "loss_pseudo", "loss_paste"}``, float32 scalars.
 
         Raises:
             ValueError: if a CondInst field is missing or the teacher was not set.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -52,6 +53,12 @@ class MaskInstances:
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
+
+    def gt_rows(self, per_image_counts: list[int]) -> Tensor:
+        """int64 ``[K]`` row of each positive's GT in the images' concatenated per-GT tensors
+        (e.g. ``torch.cat(inputs.boxes)``), given the number of GTs of each image; on the logits' device."""
+        counts = torch.tensor([0] + list(per_image_counts), device=self.logits.device)
+        return (torch.cumsum(counts, 0)[:-1][self.im_inds] + self.gt_inds).long()
 
 
 @dataclass

@@ -84,11 +84,9 @@ def instance_box_masks(instances: MaskInstances, inputs: SupervisionInputs) -> T
         float32 ``[K, Hp/stride, Wp/stride]`` of 0/1 on the logits' device.
     """
     device = instances.logits.device
-    counts = torch.tensor([0] + [len(b) for b in inputs.boxes], device=device)
-    offsets = torch.cumsum(counts, 0)[:-1]
     boxes = torch.cat(inputs.boxes).to(device).float() if inputs.boxes else torch.zeros(0, 4, device=device)
     box_masks = box_masks_at_stride(boxes, tuple(inputs.images.shape[-2:]), instances.stride)
-    return box_masks[offsets[instances.im_inds] + instances.gt_inds]
+    return box_masks[instances.gt_rows([len(b) for b in inputs.boxes])]
 
 
 def _as_khw(mask_logits: Tensor, name: str) -> Tensor:

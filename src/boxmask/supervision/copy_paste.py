@@ -33,6 +33,7 @@ __all__ = [
     "box_masks_full_res",
     "paste_entry_from_probs",
     "paste_instances",
+    "paste_masks_and_scores",
     "select_instances",
 ]
 
@@ -131,6 +132,14 @@ class PasteEntry:
         return {"image": self.image, "masks": self.masks, "labels": self.labels, "scores": self.scores}
 
 
+def paste_masks_and_scores(probs: Tensor, box_masks: Tensor, threshold: float = 0.7) -> tuple[Tensor, Tensor]:
+    """Paste masks ``[probs > threshold] ∧ box_masks`` (bool ``[N,H,W]``) and their scores, the mean of
+    ``probs`` inside each mask (float32 ``[N]``, 0 for an empty mask), on ``probs``' device (methods.md §5.6)."""
+    masks = (probs > threshold) & box_masks.to(probs.device)
+    area = masks.sum(dim=(1, 2))
+    return masks, (probs.float() * masks).sum(dim=(1, 2)) / area.clamp(min=1)
+
+
 def paste_entry_from_probs(image: Tensor, probs: Tensor, box_masks: Tensor, labels: Tensor,
                            threshold: float = 0.7) -> PasteEntry:
     """Build a :class:`PasteEntry` from teacher instance probabilities (methods.md §5.6, first item).
@@ -160,10 +169,8 @@ def paste_entry_from_probs(image: Tensor, probs: Tensor, box_masks: Tensor, labe
     if _check_masks(box_masks, hw, "paste_entry_from_probs", "box_masks") != n:
         raise ValueError(f"paste_entry_from_probs: box_masks has {box_masks.shape[0]} instances, probs {n}")
     labels = _check_labels(labels, n, "paste_entry_from_probs")
-    masks = (probs > threshold) & box_masks.to(probs.device)
-    area = masks.sum(dim=(1, 2))
-    scores = (probs.float() * masks).sum(dim=(1, 2)) / area.clamp(min=1)
-    keep = area > 0
+    masks, scores = paste_masks_and_scores(probs, box_masks, threshold)
+    keep = masks.flatten(1).any(dim=1)
     dev = image.device
     return PasteEntry(image, masks[keep].to(dev), labels.to(dev)[keep.to(dev)], scores[keep].to(dev))
 

@@ -112,8 +112,7 @@ def _instance_targets(instances: MaskInstances, inputs: SupervisionInputs, who: 
         has_mask = [torch.ones(len(b), dtype=torch.bool) for b in inputs.boxes]
     elif len(has_mask) != len(inputs.boxes) or any(h.numel() != len(b) for h, b in zip(has_mask, inputs.boxes)):
         raise ValueError(f"{who}: has_mask does not give one flag per box of each image")
-    counts = torch.tensor([0] + [len(b) for b in inputs.boxes], device=device)
-    flat = (torch.cumsum(counts, 0)[:-1][instances.im_inds] + instances.gt_inds).long()
+    flat = instances.gt_rows([len(b) for b in inputs.boxes])
     padded_hw = tuple(inputs.images.shape[-2:])
     gt = gt_masks_at_stride(inputs.masks, padded_hw, instances.stride).to(device)
     flags = torch.cat([torch.zeros(0, dtype=torch.bool, device=device)]

@@ -21,7 +21,8 @@ from ..config import SIM_INSTANCE_MAPS, SIM_PSEUDO_LOSSES, SupervisionConfig
 from ..modeling.fcos import flatten_levels
 from .base import MaskInstances, MaskSupervision, SupervisionInputs
 from .boxinst import BoxInstSupervision, _dice_loss, instance_box_masks
-from .copy_paste import MemoryBank, PasteEntry, box_masks_full_res, paste_instances, select_instances
+from .copy_paste import (MemoryBank, PasteEntry, box_masks_full_res, paste_instances, paste_masks_and_scores,
+                         select_instances)
 from .sim import (feature_similarity, init_prototypes, instance_map, iou_weights, pseudo_mask_loss,
                   pseudo_mask_targets, semantic_map, update_prototypes)
 
@@ -81,10 +82,8 @@ def paste_loss(mask_logits: Tensor, paste_masks: Tensor, mode: str = "paper") ->
 def _instance_gt_boxes(instances: MaskInstances, inputs: SupervisionInputs) -> Tensor:
     """float32 ``[K,4]`` xyxy box (resized-image pixels) of each positive's GT, on the logits' device."""
     device = instances.logits.device
-    counts = torch.tensor([0] + [len(b) for b in inputs.boxes], device=device)
-    offsets = torch.cumsum(counts, 0)[:-1]
     boxes = torch.cat(inputs.boxes).to(device).float() if inputs.boxes else torch.zeros(0, 4, device=device)
-    return boxes[offsets[instances.im_inds] + instances.gt_inds]
+    return boxes[instances.gt_rows([len(b) for b in inputs.boxes])]
 
 
 class SIMSupervision(nn.Module, MaskSupervision):
@@ -130,8 +129,8 @@ class SIMSupervision(nn.Module, MaskSupervision):
        none), ``M_prob = (1 - α) M_S + α M_I`` (``α = sim_alpha``), pseudo mask and valid region by
        :func:`~boxmask.supervision.sim.pseudo_mask_targets` (``sim_low_threshold``, ``sim_high_range``,
        ``sim_inst_threshold``), and ``loss_pseudo = λ1 * pseudo_mask_loss(student logits, target, valid,
-       sim_pseudo_loss)`` with ``λ1`` = :meth:`pseudo_weight` (constant, or the code's linear ramp). Pasted objects are left out of it (they have an exact
-       target, step 6). Before that, ``loss_pseudo`` is a zero connected to the logits, so the loss keys
+       sim_pseudo_loss)`` with ``λ1`` = :meth:`pseudo_weight` (constant, or the code's linear ramp).
+       Pasted objects are left out of it (they have an exact target, step 6). Before that, ``loss_pseudo`` is a zero connected to the logits, so the loss keys
        (and Lightning's logged metrics) never change.
     6. Copy-paste (``sim_copy_paste``, §5.6), also from ``sim_warmup_iters`` on:
 
@@ -279,10 +278,10 @@ class SIMSupervision(nn.Module, MaskSupervision):
             for lo in range(0, len(rows), _UPSAMPLE_CHUNK):
                 probs = F.interpolate(m_inst[rows[lo:lo + _UPSAMPLE_CHUNK], None], size=(hp, wp), mode="bilinear",
                                       align_corners=False)[:, 0]
-                m = (probs > cfg.sim_inst_threshold) & box_masks_full_res(gt_boxes[lo:lo + _UPSAMPLE_CHUNK], (hp, wp))
-                area = m.sum(dim=(1, 2))
-                scores.append((probs * m).sum(dim=(1, 2)) / area.clamp(min=1))
+                m, sc = paste_masks_and_scores(probs, box_masks_full_res(gt_boxes[lo:lo + _UPSAMPLE_CHUNK], (hp, wp)),
+                                               cfg.sim_inst_threshold)
                 masks.append(m)
+                scores.append(sc)
             masks, scores = torch.cat(masks), torch.cat(scores)
             keep = torch.nonzero(masks.flatten(1).any(dim=1)).flatten()
             if len(keep) == 0:
@@ -371,9 +370,7 @@ class SIMSupervision(nn.Module, MaskSupervision):
             return None, None
         device, s = instances.logits.device, instances.stride
         flags = torch.cat([p.to(device) for p in inputs.pasted])
-        counts = torch.tensor([0] + [len(p) for p in inputs.pasted], device=device)
-        rows = torch.cumsum(counts, 0)[:-1][instances.im_inds] + instances.gt_inds
-        pasted = flags[rows]
+        pasted = flags[instances.gt_rows([len(p) for p in inputs.pasted])]
         h, w = instances.logits.shape[-2:]
         targets = instances.logits.new_zeros((len(instances), h, w), dtype=torch.float32)
         for k in torch.nonzero(pasted).flatten().tolist():

@@ -68,6 +68,7 @@ METHODS = {
     "filled_box": ("boxes_given", "none", None),
     "grabcut": ("boxes_given", "none", None),
     "boxinst_annotate": ("boxes_given", "box", "boxinst"),
+    "boxinst_annotate_fit": ("boxes_given", "box", "boxinst"),
     "condinst_annotate": ("boxes_given", "mask", "condinst"),
     "boxlevelset": ("end_to_end", "box", "boxlevelset"),
     "boxlevelset_boxfill": ("end_to_end", "box", "boxlevelset"),
@@ -167,6 +168,65 @@ def subset_val(val_json: Path, max_images: int, out_dir: Path) -> tuple[Path, di
                   "max_per_image": max(per_image.values(), default=0)}
 
 
+SIZE_BUCKETS = (("small", 0.0, 32.0 ** 2), ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, float("inf")))
+
+
+def size_bucket(area: float) -> str:
+    """COCO size bucket of a GT ``area`` (px²): small < 32², medium < 96², large otherwise."""
+    return next(name for name, lo, hi in SIZE_BUCKETS if lo <= area < hi)
+
+
+def _shifted(train_kinds: list[str] | None, group_kinds: set) -> bool:
+    """True when the evaluated images include a kind the model never saw in training."""
+    return bool(train_kinds) and any(k not in set(train_kinds) for k in group_kinds)
+
+
+def subset_by_kind_first(val_json: Path, kinds: dict[str, str], per_kind: int, out_dir: Path) -> Path:
+    """A copy of ``val_json`` with the first ``per_kind`` images (JSON order) of each kind and their annotations."""
+    data = json.loads(val_json.read_text())
+    taken: dict[str, int] = {}
+    keep = []
+    for im in data["images"]:
+        k = kinds.get(im["file_name"], "unknown")
+        if taken.get(k, 0) < per_kind:
+            taken[k] = taken.get(k, 0) + 1
+            keep.append(im)
+    data["images"] = keep
+    ids = {im["id"] for im in keep}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{val_json.stem}_first{per_kind}_per_kind.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def load_kinds(path: Path) -> dict[str, str]:
+    """``file_name → kind`` from an ``image_kinds.json`` (``{"images": {file_name: {"kind": ...}}}``), or {}."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {name: rec["kind"] for name, rec in data.get("images", {}).items()}
+
+
+def subset_by_kind(ann_json: Path, kinds: dict[str, str], keep: set[str], out_dir: Path) -> Path:
+    """A copy of ``ann_json`` with only the images whose kind is in ``keep`` (and their annotations).
+
+    Raises SystemExit when an image has no kind or nothing is left."""
+    data = json.loads(ann_json.read_text())
+    missing = [im["file_name"] for im in data["images"] if im["file_name"] not in kinds]
+    if missing:
+        raise SystemExit(f"quality: {len(missing)} images of {ann_json} have no kind (e.g. {missing[0]})")
+    data["images"] = [im for im in data["images"] if kinds[im["file_name"]] in keep]
+    if not data["images"]:
+        raise SystemExit(f"quality: no image of kind {sorted(keep)} in {ann_json}")
+    ids = {im["id"] for im in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{ann_json.stem}_{'+'.join(sorted(keep))}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
 def _comparable(cfg_dict: dict) -> dict:
     d = json.loads(json.dumps(cfg_dict))
     for key in ("eval_after_train", "progress_bar"):
@@ -213,6 +273,198 @@ def ensure_metrics(rec: dict, cfg, device: torch.device) -> dict:
     return rec["metrics"]
 
 
+def end_to_end_kind_rows(row: dict, eval_dir: Path, val_json: Path, val_data: dict, kinds: dict[str, str],
+                         train_kinds: list[str] | None, boxfill: bool, max_dets: int) -> list[dict]:
+    """Per image kind copies of an end-to-end row, from the results its training's evaluation wrote."""
+    from pycocotools.coco import COCO
+
+    from boxmask.engine.evaluator import evaluate_coco
+
+    path = eval_dir / ("results_boxfill.json" if boxfill else "results.json")
+    by_kind: dict[str, list[int]] = {}
+    for im in val_data["images"]:
+        if im["file_name"] in kinds:
+            by_kind.setdefault(kinds[im["file_name"]], []).append(im["id"])
+    if len(by_kind) < 2 or not path.is_file():
+        return []
+    results = json.loads(path.read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(val_json))
+    out = []
+    for kind, ids in sorted(by_kind.items()):
+        keep = set(ids)
+        res = [r for r in results if r["image_id"] in keep]
+        m = evaluate_coco(gt, res, ("segm", "bbox"), max_dets=max_dets, image_ids=ids)
+        out.append({**row, **_ap_fields(m["segm"], m["bbox"]), "group": kind, "shift": _shifted(train_kinds, {kind}),
+                    "images": len(ids), "ratio_box_over_mask": None,
+                    "instances": sum(1 for a in val_data["annotations"] if a["image_id"] in keep and not a.get("iscrowd", 0))})
+    return out
+
+
+def _group_stats(gt, results: list[dict], ious: dict, box_iou: dict, ann_ids: set, image_ids: list[int] | None,
+                 size_ap: float | None, max_dets: int) -> dict:
+    """Mask AP (COCOeval over ``image_ids``, or the all-images size-bucket AP ``size_ap``), mean IoU of the
+    results in ``ann_ids``, the filled box's mean IoU on them, and the share of masks worse than their box."""
+    from boxmask.engine.evaluator import evaluate_coco
+
+    if image_ids is not None:
+        keep = set(image_ids)
+        segm = evaluate_coco(gt, [r for r in results if r["image_id"] in keep], ("segm",), max_dets=max_dets,
+                             image_ids=image_ids)["segm"]
+        fields = _ap_fields(segm, None)
+    else:
+        fields = _ap_fields({"AP": size_ap}, None)
+    mine = [r["ann_id"] for r in results if r["ann_id"] in ann_ids]
+    iou = [ious[a] for a in mine]
+    boxed = [box_iou[a] for a in mine]
+    fields.update(mean_mask_IoU=100.0 * sum(iou) / len(iou) if iou else None,
+                  box_mean_mask_IoU=100.0 * sum(boxed) / len(boxed) if boxed else None,
+                  worse_than_box=sum(i < b - 1e-9 for i, b in zip(iou, boxed)) / len(iou) if iou else None,
+                  instances=len(mine))
+    return fields
+
+
+def calibration_table(records: list[dict], bins=(0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001)) -> list[dict]:
+    """Mean model-mask IoU and filled-box IoU with the GT per bin of the quality estimate."""
+    out = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        sel = [r for r in records if r["quality"] is not None and lo <= r["quality"] < hi]
+        if sel:
+            out.append({"quality": [lo, min(hi, 1.0)], "n": len(sel),
+                        "mask_IoU": sum(r["iou_model"] for r in sel) / len(sel),
+                        "box_IoU": sum(r["iou_box"] for r in sel) / len(sel),
+                        "mask_better": sum(r["iou_model"] > r["iou_box"] for r in sel) / len(sel)})
+    return out
+
+
+def boxes_given_rows(args, given, trained, cfgs, out, base, empty, val_json, image_dir, kinds, device, use_cuda):
+    """Rows of the boxes-given track: every method on the chosen val images, for the group ``all``, each image
+    kind and each COCO size bucket; annotate methods also without the fallback (``*_nofallback``), and a
+    calibration table of the quality estimate (``bench/results/calibration_<run>_<method>.json``)."""
+    from pycocotools.coco import COCO
+
+    from boxmask.engine.annotate import FALLBACK_THRESHOLD, annotate_dataset, report_path
+    from boxmask.engine.baselines import annotations_to_results, filled_box_annotations, grabcut_annotations, mask_ious
+    from boxmask.engine.fit import fit_config, fit_to_boxes
+    from boxmask.engine.inference import load_checkpoint
+
+    tau = FALLBACK_THRESHOLD if args.fallback_threshold is None else args.fallback_threshold
+    gdir = out / "boxes_given"
+    if args.max_images_per_kind > 0 and kinds:
+        gt_json = subset_by_kind_first(val_json, kinds, args.max_images_per_kind, gdir)
+        gt_json, info = subset_val(gt_json, 0, gdir)
+    else:
+        gt_json, info = subset_val(val_json, args.grabcut_max_images, gdir)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_json))
+    gt_data = json.loads(gt_json.read_text())
+    max_dets = max(args.max_dets, info["max_per_image"])
+    image_kind = {im["id"]: kinds.get(im["file_name"]) for im in gt_data["images"]}
+    anns = [a for a in gt_data["annotations"] if not a.get("iscrowd", 0)]
+    ann_size = {a["id"]: size_bucket(float(a["area"])) for a in anns}
+    ann_kind = {a["id"]: image_kind[a["image_id"]] for a in anns}
+    groups: list[tuple[str, list[int] | None, set]] = [("all", info["image_ids"], set(ann_size))]
+    if len({k for k in image_kind.values() if k}) > 1:
+        for k in sorted({k for k in image_kind.values() if k}):
+            groups.append((k, [i for i, kk in image_kind.items() if kk == k], {a for a, kk in ann_kind.items() if kk == k}))
+    for name, _, _ in SIZE_BUCKETS:
+        ids = {a for a, b in ann_size.items() if b == name}
+        if ids:
+            groups.append((name, None, ids))
+    print(f"== boxes given: {len(info['image_ids'])} val images, {info['instances']} instances ({gt_json})")
+    box_results = filled_box_annotations(gt_json, image_dir)
+    box_iou = dict(zip([r["ann_id"] for r in box_results], mask_ious(gt, box_results)))
+    box_by_id = {r["ann_id"]: r for r in box_results}
+    rows, by_method = [], {}
+    n_images = len(info["image_ids"])
+    for method in given:
+        _, supervision, kind = METHODS[method]
+        variants = []  # (name, results, fallbacks, extra fields)
+        t0 = time.time()
+        dev = device_name(cpu=True)
+        extra = {"train_wall_s": None}
+        if method == "filled_box":
+            variants.append((method, box_results, None, {}))
+        elif method == "grabcut":
+            results = grabcut_annotations(gt_json, image_dir, progress=True, iterations=args.grabcut_iterations)
+            variants.append((method, results, sum("grabcut_fallback" in r for r in results), {}))
+        else:
+            ckpt, box_size = trained[kind]["checkpoint"], args.box_size
+            extra = {"train_wall_s": round(trained[kind]["wall_s"], 1), "location_rank": args.location_rank,
+                     "candidates": args.candidates}
+            if method.endswith("_fit"):
+                fcfg = fit_config(gt_json, image_dir, gdir / f"{method}.fit", checkpoint=ckpt, steps=args.fit_steps,
+                                  image_size=args.image_size, box_size=args.fit_box_size, progress=False,
+                                  overrides=[f"trainer.accelerator={'gpu' if use_cuda else 'cpu'}"])
+                print(f"== {method}: fitting {fcfg.solver.max_iters} steps on the {n_images} images' boxes")
+                fit = fit_to_boxes(fcfg, resume=args.reuse)
+                ckpt, box_size = fit["checkpoint"], args.fit_box_size
+                extra.update(fit_steps=fcfg.solver.max_iters, fit_wall_s=round(fit["wall_s"], 1), fit_state=fit["state"])
+            model, mcfg, meta = load_checkpoint(ckpt, device)
+            t1 = time.time()
+            out_json = gdir / f"{method}_{gt_json.name}"
+            # one pass without the fallback; the fallback is then applied to the reported cues, which is what
+            # annotate_dataset(fallback_threshold=tau) does (tests/test_annotate_fit.py)
+            annotate_dataset(model, mcfg, meta, gt_json, image_dir, out_json, device=device, progress=True,
+                             resume=False, rank=args.location_rank, candidates=args.candidates, box_size=box_size,
+                             fallback_threshold=0.0)
+            extra["annotate_wall_s"] = round(time.time() - t1, 1)
+            raw = annotations_to_results(out_json)
+            cues = {r["id"]: r["cues"] for r in json.loads(report_path(out_json).read_text())["annotations"]}
+            low = {a for a, c in cues.items() if c is not None and c["quality"] < tau}
+            fell = [box_by_id[r["ann_id"]] if r["ann_id"] in low else r for r in raw]
+            raw_fallbacks = sum(1 for a, c in cues.items() if c is None or c["quality"] == 0.0)
+            variants.append((method, fell, len(low | {a for a, c in cues.items() if c is None}),
+                             {"fallback_threshold": tau, "box_size": box_size}))
+            variants.append((f"{method}_nofallback", raw, raw_fallbacks, {"fallback_threshold": 0.0, "box_size": box_size}))
+            raw_iou = dict(zip([r["ann_id"] for r in raw], mask_ious(gt, raw)))
+            records = [{"ann_id": a, "kind": ann_kind.get(a), "size": ann_size.get(a), "iou_model": raw_iou[a],
+                        "iou_box": box_iou[a], **(cues.get(a) or {"quality": None})} for a in raw_iou]
+            calib = {"run": base["run"], "method": method, "commit": base["commit"], "date": base["date"],
+                     "fallback_threshold": tau, "all": calibration_table(records),
+                     "by_kind": {k: calibration_table([r for r in records if r["kind"] == k])
+                                 for k in sorted({r["kind"] for r in records if r["kind"]})}}
+            cpath = ROOT / "bench" / "results" / f"calibration_{base['run']}_{method}.json"
+            cpath.write_text(json.dumps(calib, indent=1))
+            (gdir / f"{method}_calibration.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+            print(f"calibration of the quality estimate ({method}): {cpath}")
+            for b in calib["all"]:
+                print(f"  quality {b['quality'][0]:.1f}-{b['quality'][1]:.1f}: n={b['n']:5d}  mask IoU {b['mask_IoU']:.3f}  "
+                      f"box IoU {b['box_IoU']:.3f}  mask better {100 * b['mask_better']:.0f} %")
+            dev = device_name(cpu=not use_cuda)
+        wall = time.time() - t0
+        for name, results, fallbacks, fields in variants:
+            ious = dict(zip([r["ann_id"] for r in results], mask_ious(gt, results)))
+            all_segm = evaluate_coco_quiet(gt, results, max_dets, info["image_ids"])
+            for group, image_ids, ann_ids in groups:
+                size_ap = {"small": all_segm.get("APs"), "medium": all_segm.get("APm"), "large": all_segm.get("APl")}.get(group)
+                stats = _group_stats(gt, results, ious, box_iou, ann_ids, image_ids, size_ap, max_dets)
+                group_kinds = ({image_kind[i] for i in image_ids} if image_ids is not None
+                               else {ann_kind[a] for a in ann_ids})
+                row = {**base, "track": "boxes_given", "method": name, "supervision": supervision, **empty, **stats,
+                       **extra, **fields, "group": group, "shift": _shifted(args.train_kinds, group_kinds - {None})}
+                row.update(max_dets=max_dets, box_fallbacks=None if fallbacks is None else
+                           (fallbacks if group == "all" else None),
+                           images=len(image_ids) if image_ids is not None else n_images, device=dev,
+                           wall_s=round(wall, 1), s_per_image=round(wall / max(n_images, 1), 3),
+                           config=str(out / kind / "config.yaml") if kind else None)
+                if group == "all":
+                    by_method[name] = row
+                rows.append(row)
+    for boxed in ("boxinst_annotate", "boxlevelset_annotate", "sim_annotate"):
+        if boxed in by_method and "condinst_annotate" in by_method:
+            by_method[boxed]["ratio_box_over_mask"] = _ratio(by_method[boxed]["mask_AP"],
+                                                             by_method["condinst_annotate"]["mask_AP"])
+    return rows
+
+
+def evaluate_coco_quiet(gt, results: list[dict], max_dets: int, image_ids: list[int]) -> dict:
+    """Mask AP fields of ``results`` over ``image_ids`` (:func:`boxmask.engine.evaluator.evaluate_coco`)."""
+    from boxmask.engine.evaluator import evaluate_coco
+
+    return evaluate_coco(gt, results, ("segm",), max_dets=max_dets, image_ids=image_ids)["segm"]
+
+
 def markdown_table(rows: list[dict], header: str) -> str:
     """The run's rows as a Markdown table (one decimal; ``-`` for null)."""
 
@@ -220,10 +472,11 @@ def markdown_table(rows: list[dict], header: str) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
 
     lines = [header, "",
-             "| track | method | supervision | mask AP | AP50 | AP75 | box AP | mean IoU | box/mask | images | wall s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| track | method | group | shift | supervision | mask AP | AP50 | AP75 | box AP | mean IoU | box/mask | images | wall s |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['track']} | {r['method']} | {r['supervision']} | {f(r['mask_AP'])} | {f(r['mask_AP50'])} | "
+        lines.append(f"| {r['track']} | {r['method']} | {r.get('group', 'all')} | {'yes' if r.get('shift') else 'no'} | "
+                     f"{r['supervision']} | {f(r['mask_AP'])} | {f(r['mask_AP50'])} | "
                      f"{f(r['mask_AP75'])} | {f(r['box_AP'])} | {f(r['mean_mask_IoU'])} | "
                      f"{f(r['ratio_box_over_mask'], 2)} | {r['images']} | {f(r['wall_s'], 0)} |")
     return "\n".join(lines) + "\n"
@@ -255,6 +508,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="training and annotate device (GrabCut always runs on the CPU)")
     ap.add_argument("--reuse", action="store_true", help="load finished trainings of the same config from --output")
+    ap.add_argument("--max-images-per-kind", type=int, default=0,
+                    help="boxes-given track on the first N val images of each image kind (needs a kinds file; "
+                         "overrides --grabcut-max-images)")
+    ap.add_argument("--box-size", type=float, default=0.0,
+                    help="inference-only annotate: box-adaptive scale (median box side in px; 0 = fixed test size)")
+    ap.add_argument("--fit-box-size", type=float, default=32.0, help="fitted annotate: box-adaptive scale of fit and masks")
+    ap.add_argument("--fit-steps", type=int, default=None, help="fitted annotate: training steps (default: scales with "
+                                                                   "the images, engine.fit.default_fit_steps)")
+    ap.add_argument("--fallback-threshold", type=float, default=None,
+                    help="annotate: quality below which the filled box is kept (default: annotate's default)")
+    ap.add_argument("--train-kinds", nargs="+", default=None,
+                    help="domain-shift track: train only on the train images of these kinds (e.g. fluorescence), "
+                         "labelled by --kinds-file; the val split is evaluated whole and per kind")
+    ap.add_argument("--kinds-file", default="", help="JSON {'images': {file_name: {'kind': ...}}} "
+                                                       "(default: DATASET/image_kinds.json when it exists)")
+    ap.add_argument("--tag", default="", help="suffix of the run name (e.g. 'photometric' for a variant's overrides)")
     ap.add_argument("overrides", nargs="*", help="extra recipe overrides (key=value), applied to both trainings")
     args = ap.parse_args(argv)
 
@@ -267,10 +536,20 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     max_size = args.max_size or int(round(args.image_size * 5 / 3))
+    kinds = load_kinds(Path(args.kinds_file) if args.kinds_file else data / "image_kinds.json")
     run = f"{name}_{args.backbone}_{args.image_size}_{args.iterations}"
+    if args.train_kinds:
+        run += "_train-" + "+".join(sorted(args.train_kinds))
+    if args.tag:
+        run += f"_{args.tag}"
     out = Path(args.output) / run
+    train_json = data / "annotations" / "instances_train.json"
+    if args.train_kinds:
+        if not kinds:
+            raise SystemExit(f"quality: --train-kinds needs a kinds file ({data / 'image_kinds.json'} not found)")
+        train_json = subset_by_kind(train_json, kinds, set(args.train_kinds), out)
     overrides = [
-        f"data.train_json={data / 'annotations' / 'instances_train.json'}", f"data.train_images={image_dir}",
+        f"data.train_json={train_json}", f"data.train_images={image_dir}",
         f"data.val_json={val_json}", f"data.val_images={image_dir}",
         f"data.min_sizes={multiscale(args.image_size)}", f"data.max_size={max_size}",
         f"data.test_min_size={args.image_size}", f"data.test_max_size={max_size}", f"data.batch_size={args.batch_size}",
@@ -316,61 +595,15 @@ def main(argv: list[str] | None = None) -> int:
                    wall_s=round(trained[kind]["wall_s"], 1), config=str(out / kind / "config.yaml"))
         if method in ("boxinst", "boxlevelset", "sim") and "condinst" in e2e:
             row["ratio_box_over_mask"] = _ratio(segm["AP"], e2e["condinst"]["model"]["segm"]["AP"])
+        row.update(group="all", shift=_shifted(args.train_kinds, set(kinds.get(im["file_name"]) for im in val_data["images"])))
         rows.append(row)
+        rows += end_to_end_kind_rows(row, out / kind / "eval", val_json, val_data, kinds, args.train_kinds,
+                                     boxfill=method in BOXFILL, max_dets=args.max_dets)
 
     # ---- boxes given
     given = [m for m in methods if METHODS[m][0] == "boxes_given"]
     if given:
-        from pycocotools.coco import COCO
-
-        from boxmask.engine.baselines import annotations_to_results, filled_box_annotations, grabcut_annotations, mean_mask_iou
-        from boxmask.engine.evaluator import evaluate_coco
-
-        gdir = out / "boxes_given"
-        gt_json, info = subset_val(val_json, args.grabcut_max_images, gdir)
-        with contextlib.redirect_stdout(io.StringIO()):
-            gt = COCO(str(gt_json))
-        max_dets = max(args.max_dets, info["max_per_image"])
-        print(f"== boxes given: {len(info['image_ids'])} val images, {info['instances']} instances ({gt_json})")
-        by_method = {}
-        for method in given:
-            _, supervision, kind = METHODS[method]
-            t0 = time.time()
-            fallbacks, train_wall, dev = None, None, device_name(cpu=True)
-            if method == "filled_box":
-                results = filled_box_annotations(gt_json, image_dir)
-            elif method == "grabcut":
-                results = grabcut_annotations(gt_json, image_dir, progress=True, iterations=args.grabcut_iterations)
-                fallbacks = sum("grabcut_fallback" in r for r in results)
-            else:
-                from boxmask.engine.annotate import annotate_dataset
-                from boxmask.engine.inference import load_checkpoint
-
-                model, mcfg, meta = load_checkpoint(trained[kind]["checkpoint"], device)
-                t0 = time.time()
-                out_json = gdir / f"{method}_{gt_json.name}"
-                summary = annotate_dataset(model, mcfg, meta, gt_json, image_dir, out_json, device=device, progress=True,
-                                           resume=False, rank=args.location_rank, candidates=args.candidates)
-                results = annotations_to_results(out_json)
-                fallbacks = (summary or {}).get("box_fallback")
-                train_wall, dev = round(trained[kind]["wall_s"], 1), device_name(cpu=not use_cuda)
-            wall = time.time() - t0
-            segm = evaluate_coco(gt, results, ("segm",), max_dets=max_dets, image_ids=info["image_ids"])["segm"]
-            miou = _num(mean_mask_iou(gt, results))
-            row = dict(base, track="boxes_given", method=method, supervision=supervision, **_ap_fields(segm, None), **empty)
-            if kind:
-                row["location_rank"] = args.location_rank
-                row["candidates"] = args.candidates
-            row.update(max_dets=max_dets, mean_mask_IoU=None if miou is None else 100.0 * miou, box_fallbacks=fallbacks,
-                       train_wall_s=train_wall, images=len(info["image_ids"]), instances=info["instances"], device=dev,
-                       wall_s=round(wall, 1), config=str(out / kind / "config.yaml") if kind else None)
-            by_method[method] = row
-            rows.append(row)
-        for boxed in ("boxinst_annotate", "boxlevelset_annotate", "sim_annotate"):
-            if boxed in by_method and "condinst_annotate" in by_method:
-                by_method[boxed]["ratio_box_over_mask"] = _ratio(by_method[boxed]["mask_AP"],
-                                                                 by_method["condinst_annotate"]["mask_AP"])
-
+        rows += boxes_given_rows(args, given, trained, cfgs, out, base, empty, val_json, image_dir, kinds, device, use_cuda)
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     with open(results_path, "a") as f:

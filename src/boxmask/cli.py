@@ -11,6 +11,8 @@ import torch
 
 #: default of `annotate --candidates` (kept equal to annotate_dataset's default)
 ANNOTATE_CANDIDATES = 5
+#: default of `annotate --fallback-threshold` (kept equal to engine.annotate.FALLBACK_THRESHOLD)
+ANNOTATE_FALLBACK = 0.5
 
 
 def _device(name: str) -> torch.device:
@@ -69,14 +71,34 @@ def cmd_predict(args) -> int:
 
 
 def cmd_annotate(args) -> int:
-    from .engine.annotate import annotate_dataset
+    from .engine.annotate import AnnotateError, annotate_dataset, report_path
     from .engine.inference import load_checkpoint
 
     device = _device(args.device)
-    model, cfg, meta = load_checkpoint(args.checkpoint, device)
+    checkpoint = args.checkpoint
+    if args.fit:
+        from .engine.fit import FIT_BOX_SIZE, fit_config, fit_dir_for, fit_to_boxes
+
+        box_size = FIT_BOX_SIZE if args.box_size is None else args.box_size
+        work = Path(args.fit_dir) if args.fit_dir else fit_dir_for(args.output)
+        cfg = fit_config(args.ann_file, args.images, work, checkpoint=checkpoint, recipe=args.fit_recipe,
+                         steps=args.fit_steps, image_size=args.fit_image_size, box_size=box_size,
+                         overrides=[f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"])
+        start = f"from {checkpoint}" if checkpoint else f"from the backbone of {args.fit_recipe or 'the packaged fit recipe'}"
+        print(f"fitting to the given boxes ({cfg.solver.max_iters} steps {start}, image size "
+              f"{cfg.data.test_min_size}, box-adaptive scale {cfg.data.box_size:g} px) in {work}")
+        fit = fit_to_boxes(cfg, resume=not args.no_resume)
+        print(f"  fit {fit['state']}: {fit['global_step']} steps, {fit['wall_s']:.0f} s ► {fit['checkpoint']}")
+        checkpoint = fit["checkpoint"]
+    elif checkpoint is None:
+        raise AnnotateError("give a CHECKPOINT, or --fit to train on the given boxes from the pretrained backbone")
+    else:
+        box_size = args.box_size
+    model, cfg, meta = load_checkpoint(checkpoint, device)
     summary = annotate_dataset(model, cfg, meta, args.ann_file, args.images, args.output, device=device,
                                resume=not args.no_resume, rank=args.location_rank,
-                               candidates=args.candidates)
+                               candidates=args.candidates, box_size=box_size,
+                               fallback_threshold=args.fallback_threshold)
     reasons = ", ".join(f"{n} {r}" for r, n in summary["box_fallback_reasons"].items()) or "none"
     print(f"{summary['annotations']} annotations on {summary['images']} images ► {summary['output']}")
     print(f"  masks from the model: {summary['from_model']}")
@@ -87,6 +109,7 @@ def cmd_annotate(args) -> int:
         print(f"  boxes of a category the model does not know (class-agnostic): {summary['class_agnostic']}")
     if summary["resumed_images"]:
         print(f"  images taken from the interrupted run: {summary['resumed_images']}")
+    print(f"  per-annotation source and quality cues: {report_path(args.output)}")
     return 0
 
 
@@ -158,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("annotate", help="masks for the boxes of a COCO JSON ► the same JSON with RLE segmentations")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="trained boxmask checkpoint; optional with --fit (then the fit starts from the backbone)")
     p.add_argument("--ann-file", required=True, help="COCO instances JSON with the boxes")
     p.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
     p.add_argument("--output", "-o", required=True, help="output JSON (resume file beside it: OUTPUT.partial.jsonl)")
@@ -169,6 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "given box (default), or the score alone")
     p.add_argument("--candidates", type=int, default=ANNOTATE_CANDIDATES,
                    help="FCOS locations tried per box; the mask whose x/y projections fit the box best is kept")
+    p.add_argument("--fallback-threshold", type=float, default=ANNOTATE_FALLBACK,
+                   help="a model mask whose quality estimate (stability x box cover x candidate agreement, 0-1) "
+                        "is below this keeps the filled box instead; 0 keeps every non-empty model mask")
+    p.add_argument("--box-size", type=float, default=None,
+                   help="scale each image so that its median box side is at least this many pixels (small objects "
+                        "get a finer mask); 0 = the model's fixed test size. Default: 32 with --fit, else the "
+                        "checkpoint's data.box_size")
+    p.add_argument("--fit", action="store_true",
+                   help="first train on the given boxes (box supervision only, never their masks), starting from "
+                        "CHECKPOINT or from the pretrained backbone; resumable, work folder OUTPUT-stem.fit/")
+    p.add_argument("--fit-steps", type=int, default=None,
+                   help="training steps of --fit (default: 4 epochs from a checkpoint, 10 from the backbone; "
+                        "100/300 to 3000 steps)")
+    p.add_argument("--fit-image-size", type=int, default=None,
+                   help="shorter side of --fit training before the box-adaptive scale (default: the model's test size)")
+    p.add_argument("--fit-recipe", default=None,
+                   help="recipe of --fit without a checkpoint (default: boxinst_effnet-lite0_fpn_fit)")
+    p.add_argument("--fit-dir", default=None, help="work folder of --fit (default: OUTPUT-stem.fit/ beside the output)")
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("demo", help="train BoxInst on the bundled nuclei sample, evaluate, write overlays")
@@ -185,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.coco import DatasetError
     from .engine.annotate import AnnotateError
+    from .engine.fit import FitError
     from .engine.inference import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, AnnotateError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, AnnotateError, FitError, FileNotFoundError) as exc:
         print(f"boxmask {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

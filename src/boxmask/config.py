@@ -44,6 +44,19 @@ class DataConfig:
     test_min_size: int = 800
     test_max_size: int = 1333
     flip_prob: float = 0.5
+    #: photometric augmentation in training (off by default; :func:`boxmask.data.transforms.build_photometric`):
+    #: ColorJitter strengths [brightness, contrast, saturation, hue] (torchvision ranges: the first three
+    #: >= 0, hue in [0, 0.5]), and the probabilities of a grayscale copy and of an inverted image
+    #: (dark-on-bright <-> bright-on-dark, e.g. brightfield vs fluorescence microscopy)
+    color_jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    grayscale_prob: float = 0.0
+    invert_prob: float = 0.0
+    #: box-adaptive scale (training and ``annotate``; :class:`boxmask.data.transforms.BoxAdaptiveResize`):
+    #: each image is scaled up so that the median side sqrt(w*h) of its boxes is at least this many
+    #: pixels (never below the fixed-size rule above; longer side at most ``box_size_max``); 0 = off.
+    #: End-to-end eval/predict never use it (no boxes at test time); ``annotate --fit`` turns it on
+    box_size: float = 0.0
+    box_size_max: int = 1600
     size_divisibility: int = 32
     #: images per device per step
     batch_size: int = 2
@@ -68,6 +81,10 @@ class ModelConfig:
     backbone: str = "resnet50"
     #: "imagenet", a local file path, or "none" (random init).
     backbone_weights: str = "imagenet"
+    #: a boxmask checkpoint whose network weights start the training (fine-tuning, e.g. ``annotate --fit``);
+    #: applied after ``backbone_weights``. Class-logit rows are matched by class name (a class the
+    #: checkpoint does not know keeps its fresh initialisation); "" = off
+    init_checkpoint: str = ""
     freeze_at: int = 2
     fpn_channels: int = 256
     head_convs: int = 4
@@ -360,6 +377,16 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("solver.max_iters must be positive")
     if cfg.data.batch_size <= 0:
         raise ConfigError("data.batch_size must be positive")
+    jitter = cfg.data.color_jitter
+    if len(jitter) != 4 or any(v < 0 for v in jitter) or jitter[3] > 0.5:
+        raise ConfigError(f"data.color_jitter must be [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5, "
+                          f"got {jitter}")
+    if cfg.data.box_size < 0 or cfg.data.box_size_max <= 0:
+        raise ConfigError(f"data.box_size must be >= 0 and data.box_size_max > 0, got {cfg.data.box_size} and "
+                          f"{cfg.data.box_size_max}")
+    for name in ("grayscale_prob", "invert_prob"):
+        if not 0.0 <= getattr(cfg.data, name) <= 1.0:
+            raise ConfigError(f"data.{name} must be in [0, 1], got {getattr(cfg.data, name)}")
     if cfg.data.size_divisibility % 32:
         raise ConfigError("data.size_divisibility must be a multiple of 32 (P7 has stride 128 on /32 padding via ceil)")
     if not cfg.data.builtin and not cfg.data.train_json:

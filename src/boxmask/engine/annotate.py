@@ -7,10 +7,18 @@ the controller output at the best FCOS location inside the given box, binarised 
 ``segmentation`` (compressed RLE at the image size) and ``area`` (mask pixels) replaced; every other
 key, record and field is kept, in the same order.
 
+Never worse than the box: each model mask gets a quality estimate from the mask and the box alone
+(:func:`mask_quality`: stability under the threshold, how much of the box's width and height it
+reaches, agreement between the candidate locations); below ``fallback_threshold`` the filled box is
+kept instead (reason ``low quality``). Small objects: with ``box_size > 0`` each image is scaled by its
+own boxes (:class:`~boxmask.data.transforms.BoxAdaptiveResize`) so that a 5–15 px nucleus is drawn on
+more than a handful of stride-4 cells. ``OUTPUT.report.json`` lists per annotation where its mask came
+from and the quality cues.
+
 No annotation is ever dropped. One the model cannot serve keeps its box as the mask and is counted
 by reason in the summary: ``crowd`` (``iscrowd=1``), ``non-finite``, ``zero or negative size``,
 ``outside the image`` (the boxes :class:`~boxmask.data.coco.CocoInstances` leaves out), ``empty mask``
-(nothing above the threshold inside the box). A box's pixels are those whose centre lies in the
+(nothing above the threshold inside the box), ``low quality`` (see above). A box's pixels are those whose centre lies in the
 closed box (:func:`~boxmask.engine.evaluator.boxes_to_masks`); a positive-size box too small to
 contain a pixel centre gets the pixels it touches.
 
@@ -40,13 +48,14 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.coco import CocoInstances
 from ..data.collate import make_collate
-from ..data.transforms import build_test_transforms
+from ..data.transforms import BoxAdaptiveResize, build_test_transforms
 from ..io import atomic_write_json, atomic_write_text
 from ..modeling.box_conditioned import LOCATION_RANKS, box_conditioned_masks
 from ..modeling.condinst import CondInst, aligned_bilinear
 from .evaluator import boxes_to_masks, masks_to_rle
 
-__all__ = ["AnnotateError", "annotate_dataset", "sidecar_path", "box_pixels"]
+__all__ = ["AnnotateError", "FALLBACK_THRESHOLD", "annotate_dataset", "box_pixels", "mask_quality", "report_path",
+           "sidecar_path"]
 
 SIDECAR_SUFFIX = ".partial.jsonl"
 _SIDECAR_VERSION = 1
@@ -62,6 +71,12 @@ def sidecar_path(output_json: str | Path) -> Path:
     """The resume sidecar of an output path: ``OUTPUT + ".partial.jsonl"`` in the same folder."""
     p = Path(output_json)
     return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def report_path(output_json: str | Path) -> Path:
+    """The per-annotation report of an output path: ``OUTPUT + ".report.json"`` in the same folder."""
+    p = Path(output_json)
+    return p.with_name(p.name + ".report.json")
 
 
 def box_pixels(box_xyxy: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:
@@ -154,41 +169,100 @@ def _read_sidecar(path: Path, fingerprint: dict) -> tuple[list[str], dict[int, d
     return kept, records
 
 
-def _binarise(logits: torch.Tensor, image_size: tuple[int, int], orig_size: tuple[int, int], out_stride: int,
-              threshold: float) -> torch.Tensor:
-    """Stride-4 logits ``[N,1,Hp/4,Wp/4]`` → bool ``[N,H,W]`` at the original size (methods.md §1.7)."""
+def _probabilities(logits: torch.Tensor, image_size: tuple[int, int], orig_size: tuple[int, int],
+                   out_stride: int) -> torch.Tensor:
+    """Stride-4 logits ``[N,1,Hp/4,Wp/4]`` → float ``[N,H,W]`` mask probabilities at the original size
+    (aligned upsampling, crop to the resized image, bilinear resize; methods.md §1.7)."""
     h, w = image_size
     probs = aligned_bilinear(logits.sigmoid(), out_stride)[:, :, :h, :w]
-    probs = F.interpolate(probs, size=orig_size, mode="bilinear", align_corners=False)
-    return probs[:, 0] > threshold
+    return F.interpolate(probs, size=orig_size, mode="bilinear", align_corners=False)[:, 0]
+
+
+#: probability band of the stability cue: the mask at ``0.5 + d`` over the mask at ``0.5 - d``
+STABILITY_DELTA = 0.2
+#: default of ``annotate_dataset(fallback_threshold=...)``
+FALLBACK_THRESHOLD = 0.5
+
+
+def mask_quality(probs: torch.Tensor, box: torch.Tensor, threshold: float = 0.5,
+                 agreement: float = float("nan")) -> dict[str, float]:
+    """Per-box quality estimate of a model mask, from the mask and the box alone (no ground truth).
+
+    Cues, each in ``[0, 1]`` (1 = trustworthy):
+
+    * ``stability``: ``|p > t + d| / |p > t - d|`` inside the box (``t`` the mask threshold, ``d`` =
+      :data:`STABILITY_DELTA`): a confident mask barely changes when the threshold moves (the stability
+      score of Segment Anything, Kirillov et al. 2023, §3 of its appendix), a hesitant one does;
+    * ``cover``: the smaller of the fractions of the box's columns and rows that the binary mask reaches:
+      the object of a tight box touches all four sides (BoxInst's projection term, methods.md §2.3, on the
+      final mask), a fragment or a neighbour's mask does not;
+    * ``agreement``: mean IoU of the chosen candidate with the other candidates the model drew for the box
+      (:class:`~boxmask.modeling.box_conditioned.BoxConditionedMasks`), taken as 1 when unknown (NaN).
+
+    ``quality = stability * cover * agreement``; ``fill`` (mask pixels over box pixels) is reported too.
+
+    Args:
+        probs: float ``[H,W]`` mask probabilities at the original image size.
+        box: bool ``[H,W]`` the box's pixels (:func:`box_pixels`).
+        threshold: the mask threshold ``t`` in ``(0, 1)``.
+        agreement: the candidates' agreement, or NaN.
+
+    Returns:
+        ``{"quality", "stability", "cover", "agreement", "fill"}`` as Python floats; all 0 (quality 0)
+        when the mask inside the box is empty or the box has no pixel.
+    """
+    p = probs[box]
+    zero = {"quality": 0.0, "stability": 0.0, "cover": 0.0, "agreement": 0.0, "fill": 0.0}
+    if p.numel() == 0:
+        return zero
+    mask = (probs > threshold) & box
+    area = int(mask.sum())
+    if area == 0:
+        return zero
+    lo = int((p > max(threshold - STABILITY_DELTA, 0.0)).sum())
+    hi = int((p > min(threshold + STABILITY_DELTA, 1.0)).sum())
+    stability = hi / max(lo, 1)
+    rows, cols = box.any(1), box.any(0)
+    cover = min(float(mask.any(1)[rows].float().mean()), float(mask.any(0)[cols].float().mean()))
+    agree = 1.0 if not math.isfinite(agreement) else float(agreement)
+    return {"quality": stability * cover * agree, "stability": stability, "cover": cover, "agreement": agree,
+            "fill": area / int(box.sum())}
 
 
 def _image_record(image_id: int, ann_ids: list[int], boxes_orig: list[tuple], result, image_size, orig_size,
-                  out_stride: int, threshold: float, agnostic: list[bool]) -> dict:
-    """Masks of one image's served annotations as a sidecar record."""
+                  out_stride: int, threshold: float, agnostic: list[bool], fallback_threshold: float) -> dict:
+    """Masks of one image's served annotations as a sidecar record (with their quality cues)."""
     oh, ow = orig_size
     n = len(ann_ids)
     chunk = max(1, _CHUNK_PIXELS // max(oh * ow, 1))
+    agreement = result.agreement
     anns = []
     for s in range(0, n, chunk):
-        pred = _binarise(result.logits[s:s + chunk], image_size, orig_size, out_stride, threshold).cpu()
-        for j in range(pred.shape[0]):
+        probs = _probabilities(result.logits[s:s + chunk], image_size, orig_size, out_stride).cpu()
+        for j in range(probs.shape[0]):
             i = s + j
             box = box_pixels(boxes_orig[i], oh, ow)
-            mask = pred[j] & box
+            mask = (probs[j] > threshold) & box
+            agree = float(agreement[i]) if agreement is not None and len(agreement) > i else float("nan")
+            cues = mask_quality(probs[j], box, threshold, agree)
             source, reason = "model", None
             if not bool(mask.any()):
                 mask, source, reason = box, "box", "empty mask"
+            elif cues["quality"] < fallback_threshold:
+                mask, source, reason = box, "box", "low quality"
             rle = masks_to_rle(mask[None])[0]
             anns.append({"id": int(ann_ids[i]), "segmentation": rle, "area": int(mask.sum()), "source": source,
-                         "reason": reason, "nearest": not bool(result.inside[i]), "agnostic": bool(agnostic[i])})
+                         "reason": reason, "nearest": not bool(result.inside[i]), "agnostic": bool(agnostic[i]),
+                         "cues": {k: round(v, 5) for k, v in cues.items()}})
     return {"image_id": int(image_id), "annotations": anns}
 
 
 def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | Path, image_dir: str | Path,
                      output_json: str | Path, device: str | torch.device = "cpu", progress: bool = True,
                      resume: bool = True, *, batch_size: int = 1, num_workers: int = 0,
-                     save_every: int = 20, rank: str = "score_iou", candidates: int = 5) -> dict[str, Any]:
+                     save_every: int = 20, rank: str = "score_iou", candidates: int = 5,
+                     box_size: float | None = None, box_size_max: int | None = None,
+                     fallback_threshold: float = FALLBACK_THRESHOLD) -> dict[str, Any]:
     """Write ``ann_file`` with a model mask for every annotation to ``output_json`` (module docstring).
 
     Images are resized with the test transform of ``cfg`` (``data.test_min_size``/``test_max_size``),
@@ -213,6 +287,15 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
             (``"score_iou"`` or ``"score"``).
         candidates: FCOS locations tried per box, the mask that fits the box best is kept
             (:func:`~boxmask.modeling.box_conditioned.box_conditioned_masks`, rule 4); 1 = best-ranked only.
+        box_size: box-adaptive scale (:class:`~boxmask.data.transforms.BoxAdaptiveResize`): each image is
+            scaled up so that the median side of its boxes is at least this many pixels, so that small
+            objects get a mask at a resolution that fits them; 0 = the fixed test size; None = the
+            model's ``data.box_size``. ``box_size_max``: longer-side bound (None = ``data.box_size_max``).
+        fallback_threshold: a model mask whose :func:`mask_quality` is below this is replaced by the
+            filled box (reason ``low quality``); 0 keeps every non-empty model mask.
+
+    Besides ``output_json``, writes ``OUTPUT.report.json``: per annotation its ``source`` (``model`` or
+    ``box``), the fallback ``reason`` and the quality cues of the model mask (:func:`mask_quality`).
 
     Returns:
         Summary dict: ``images``, ``annotations`` (records in the JSON), ``from_model``,
@@ -224,17 +307,28 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
     Raises:
         DatasetError: the JSON or an image is invalid (names the file and record).
         AnnotateError: the sidecar belongs to another input JSON, model or settings.
-        ValueError: an unknown ``rank`` or ``candidates < 1``.
+        ValueError: an unknown ``rank``, ``candidates < 1``, a negative ``box_size`` or a
+            ``fallback_threshold`` outside ``[0, 1]``.
     """
     if rank not in LOCATION_RANKS:
         raise ValueError(f"annotate: rank must be one of {LOCATION_RANKS}, got {rank!r}")
     if candidates < 1:
         raise ValueError(f"annotate: candidates must be >= 1, got {candidates}")
+    box_size = cfg.data.box_size if box_size is None else float(box_size)
+    box_size_max = cfg.data.box_size_max if box_size_max is None else int(box_size_max)
+    if box_size < 0:
+        raise ValueError(f"annotate: box_size must be >= 0, got {box_size}")
+    if not 0.0 <= fallback_threshold <= 1.0:
+        raise ValueError(f"annotate: fallback_threshold must be in [0, 1], got {fallback_threshold}")
     ann_file, output_json = Path(ann_file), Path(output_json)
     device = torch.device(device)
     model = model.to(device).eval()
-    dataset = CocoInstances(ann_file, image_dir, transforms=build_test_transforms(cfg.data.test_min_size, cfg.data.test_max_size),
-                            load_masks=False, check_images=cfg.data.check_images, verbose=progress)
+    if box_size > 0:
+        transform = BoxAdaptiveResize(cfg.data.test_min_size, cfg.data.test_max_size, box_size, box_size_max)
+    else:
+        transform = build_test_transforms(cfg.data.test_min_size, cfg.data.test_max_size)
+    dataset = CocoInstances(ann_file, image_dir, transforms=transform, load_masks=False,
+                            check_images=cfg.data.check_images, verbose=progress)
     raw_bytes = ann_file.read_bytes()
     data = json.loads(raw_bytes)  # the untouched input (CocoInstances adds iscrowd/area to its copy)
     images = {img["id"]: img for img in data["images"]}
@@ -246,6 +340,8 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
         "model": _model_fingerprint(model),
         "settings": json.dumps({"test_min_size": cfg.data.test_min_size, "test_max_size": cfg.data.test_max_size,
                                 "mask_threshold": cfg.model.mask_threshold, "rank": rank, "candidates": candidates, "classes": meta["class_names"],
+                                "box_size": box_size, "box_size_max": box_size_max,
+                                "fallback_threshold": fallback_threshold, "stability_delta": STABILITY_DELTA,
                                 "cat_ids": meta["cat_ids"]}, sort_keys=True),
     }
     side = sidecar_path(output_json)
@@ -282,7 +378,7 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
                 boxes_orig = [_xyxy(ann_by_id[a]["bbox"]) for a in ann_ids]
                 if ann_ids:
                     rec = _image_record(iid, ann_ids, boxes_orig, results[b], batch.image_sizes[b], (oh, ow),
-                                        out_stride, threshold, (labels[b] < 0).tolist())
+                                        out_stride, threshold, (labels[b] < 0).tolist(), fallback_threshold)
                 else:
                     rec = {"image_id": int(iid), "annotations": []}
                 done[int(iid)] = rec
@@ -298,7 +394,7 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
     served = {a["id"]: a for rec in done.values() for a in rec["annotations"]}
     reasons: Counter[str] = Counter()
     from_model = nearest = agnostic = 0
-    out_anns = []
+    out_anns, report = [], []
     for ann in data["annotations"]:
         img = images[ann["image_id"]]
         got = served.get(ann["id"])
@@ -307,6 +403,7 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
             mask = box_pixels(_xyxy(ann["bbox"]), img["height"], img["width"])
             seg, area = masks_to_rle(mask[None])[0], int(mask.sum())
             reasons[reason] += 1
+            report.append({"id": ann["id"], "image_id": ann["image_id"], "source": "box", "reason": reason, "cues": None})
         else:
             seg, area = got["segmentation"], got["area"]
             if got["source"] == "model":
@@ -315,8 +412,12 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
                 reasons[got["reason"]] += 1
             nearest += bool(got["nearest"])
             agnostic += bool(got["agnostic"])
+            report.append({"id": ann["id"], "image_id": ann["image_id"], "source": got["source"],
+                           "reason": got["reason"], "cues": got.get("cues")})
         out_anns.append({**ann, "segmentation": seg, "area": area})
     output = {**data, "annotations": out_anns}
+    atomic_write_json(report_path(output_json), {"fallback_threshold": fallback_threshold, "box_size": box_size,
+                                                 "annotations": report})
     atomic_write_json(output_json, output)
     side.unlink(missing_ok=True)
     return {"images": len(data["images"]), "annotations": len(out_anns), "from_model": from_model,

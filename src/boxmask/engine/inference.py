@@ -49,6 +49,59 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     return model, cfg, meta
 
 
+#: class-logit layers (rows = classes) of the architectures: remapped by class name in :func:`load_model_weights`
+CLASS_LAYERS = ("head.cls_logits.", "head.cate_pred.")
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path, class_names: list[str]) -> dict[str, list[str]]:
+    """Initialise ``model`` (built for ``class_names``) from the network weights of a boxmask checkpoint.
+
+    Every tensor whose name and shape match is copied. The class-logit layers (:data:`CLASS_LAYERS`) are
+    copied row by row by class name, so a checkpoint trained on other or reordered classes still gives its
+    known classes; rows of classes it does not know keep their fresh (prior-probability) initialisation.
+
+    Returns ``{"missing": [...], "skipped": [...]}``: names not in the checkpoint, and names whose shape
+    differs (left as initialised). Raises :class:`CheckpointError` naming the file when it is not a boxmask
+    checkpoint or its architecture differs (no tensor name in common).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint to initialise from not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hp or "class_names" not in hp or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a boxmask checkpoint (no hyper_parameters/class_names or state_dict)")
+    old = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    own = model.state_dict()
+    if not set(old) & set(own):
+        raise CheckpointError(f"{path}: its network has no parameter in common with model.arch={getattr(model.cfg, 'arch', '?')}")
+    old_rows = {n: i for i, n in enumerate(hp["class_names"])}
+    new, missing, skipped = {}, [], []
+    for name, target in own.items():
+        if name not in old:
+            missing.append(name)
+            continue
+        src = old[name]
+        if name.startswith(CLASS_LAYERS) and list(hp["class_names"]) != list(class_names):
+            if src.shape[1:] != target.shape[1:]:
+                skipped.append(name)
+                continue
+            t = target.clone()
+            for i, cname in enumerate(class_names):
+                if cname in old_rows:
+                    t[i] = src[old_rows[cname]]
+            new[name] = t
+        elif src.shape == target.shape:
+            new[name] = src
+        else:
+            skipped.append(name)
+    model.load_state_dict(new, strict=False)
+    return {"missing": missing, "skipped": skipped}
+
+
 def eval_dataset(cfg: Config, ann_file: str | Path, image_dir: str | Path) -> CocoInstances:
     """A COCO split with the test-time resize of ``cfg`` (no masks loaded: they are read by COCOeval)."""
     return CocoInstances(ann_file, image_dir, transforms=build_test_transforms(cfg.data.test_min_size, cfg.data.test_max_size),

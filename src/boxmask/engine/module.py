@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -90,6 +91,14 @@ class BoxMaskModule(L.LightningModule):
         self.save_hyperparameters()
         self.cfg: Config = load_config(config)
         self.model = build_model(self.cfg.model, len(class_names))
+        if self.cfg.model.init_checkpoint:
+            from .inference import load_model_weights
+
+            report = load_model_weights(self.model, self.cfg.model.init_checkpoint, list(class_names))
+            if report["missing"] or report["skipped"]:
+                warnings.warn(f"{self.cfg.model.init_checkpoint}: {len(report['missing'])} tensors not in the "
+                              f"checkpoint, {len(report['skipped'])} of another shape (kept as initialised): "
+                              f"{(report['missing'] + report['skipped'])[:6]}", stacklevel=2)
         self.supervision = build_supervision(self.cfg.supervision, num_classes=len(class_names),
                                              mask_channels=self.cfg.model.mask_channels)
         self.teacher = None

@@ -105,7 +105,10 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool | None =
     # a box-supervised recipe never loads masks: they are not even decoded
     needs_masks = SUPERVISION_TYPES[cfg.supervision.type]
     train_set = CocoInstances(paths["train_json"], paths["train_images"],
-                              transforms=build_train_transforms(cfg.data.min_sizes, cfg.data.max_size, cfg.data.flip_prob),
+                              transforms=build_train_transforms(cfg.data.min_sizes, cfg.data.max_size, cfg.data.flip_prob,
+                                                                cfg.data.color_jitter, cfg.data.grayscale_prob,
+                                                                cfg.data.invert_prob, cfg.data.box_size,
+                                                                cfg.data.box_size_max),
                               load_masks=needs_masks, check_images=cfg.data.check_images)
     stats = train_set.stats
     log.info("train set: %d images, %d boxes, %d without a mask", stats.get("images", 0), stats.get("boxes", 0),

@@ -60,6 +60,10 @@ class BoxConditionedMasks:
         locations: float32 ``[N,2]`` its ``(x, y)`` centre in resized-image pixels.
         scores: float32 ``[N]`` its ``σ(cls)·σ(ctr)`` (for the box's class, or the max over classes).
         inside: bool ``[N]``; False where no location centre was inside the box (rule 3).
+        agreement: float32 ``[N]`` in ``[0, 1]``: mean IoU, inside the box at the mask stride, of the
+            chosen candidate's binary mask (logit > 0) with those of the other candidates tried for the
+            box (rule 4); NaN where only one candidate was tried. A quality cue for ``annotate``'s
+            fallback; None when the network does not provide it.
     """
 
     logits: Tensor
@@ -68,6 +72,7 @@ class BoxConditionedMasks:
     locations: Tensor
     scores: Tensor
     inside: Tensor
+    agreement: Tensor | None = None
 
 
 def box_location_candidates(scores: Tensor, locations: Tensor, num_p3: int, boxes: Tensor,
@@ -233,18 +238,19 @@ def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tup
         if not chunks:
             logits = torch.zeros(0, 1, h * f, w * f, device=images.device)
             out.append(BoxConditionedMasks(logits, cand[:, 0], level_of[cand[:, 0]], all_locs[cand[:, 0]],
-                                           cand_scores[:, 0], inside))
+                                           cand_scores[:, 0], inside, logits.new_zeros(0)))
             continue
         cand_logits = torch.cat(chunks)
-        logits, pick = best_fitting_candidates(cand_logits, valid, boxes_b, (hp, wp), model.mask_head.out_stride)
+        logits, pick, agreement = best_fitting_candidates(cand_logits, valid, boxes_b, (hp, wp),
+                                                          model.mask_head.out_stride)
         chosen = cand.gather(1, pick[:, None])[:, 0]
         out.append(BoxConditionedMasks(logits, chosen, level_of[chosen], all_locs[chosen],
-                                       cand_scores.gather(1, pick[:, None])[:, 0], inside))
+                                       cand_scores.gather(1, pick[:, None])[:, 0], inside, agreement))
     return out
 
 
 def best_fitting_candidates(cand_logits: Tensor, valid: Tensor, boxes: Tensor, padded_hw: tuple[int, int],
-                            stride: int) -> tuple[Tensor, Tensor]:
+                            stride: int) -> tuple[Tensor, Tensor, Tensor]:
     """Rule 4: per box, the candidate mask with the smallest :func:`projection_fit` against the box.
 
     Args:
@@ -253,20 +259,34 @@ def best_fitting_candidates(cand_logits: Tensor, valid: Tensor, boxes: Tensor, p
         boxes: float ``[N,4]`` xyxy pixels; padded_hw: ``(Hp, Wp)``; stride: the logits' stride in pixels.
 
     Returns:
-        ``(logits [N,1,h,w], pick int64 [N])``: the chosen candidate's logits and its column in ``valid``
-        (ties keep the better-ranked candidate; with ``k == 1`` the first).
+        ``(logits [N,1,h,w], pick int64 [N], agreement float32 [N])``: the chosen candidate's logits, its
+        column in ``valid`` (ties keep the better-ranked candidate; with ``k == 1`` the first), and the
+        mean IoU inside the box of its binary mask (logit > 0) with the box's other candidates (NaN when
+        the box has one candidate; see :class:`BoxConditionedMasks`).
     """
     n, k = valid.shape
     pick = torch.zeros(n, dtype=torch.int64, device=cand_logits.device)
+    agreement = torch.full((n,), float("nan"), device=cand_logits.device)
+    starts = valid.sum(1).cumsum(0) - valid.sum(1)
     if k > 1 and n:
         owner = torch.arange(n, device=valid.device)[:, None].expand(n, k)[valid]
         box_masks = box_masks_at_stride(boxes.float(), padded_hw, stride)[owner]
         fit = torch.full((n, k), float("inf"), device=cand_logits.device)
         fit[valid] = projection_fit(cand_logits[:, 0], box_masks)
         pick = fit.argmin(1)
+        # agreement of the chosen candidate with the others of its box
+        binary = (cand_logits[:, 0] > 0) & (box_masks > 0)  # [V,h,w]
+        chosen = binary[(starts + pick)[owner]]  # [V,h,w]: each candidate's box's chosen mask
+        inter = (binary & chosen).flatten(1).sum(1).float()
+        union = (binary | chosen).flatten(1).sum(1).float()
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        is_other = torch.ones_like(iou, dtype=torch.bool)
+        is_other[starts + pick] = False
+        total = torch.zeros(n, device=iou.device).index_add_(0, owner, torch.where(is_other, iou, torch.zeros_like(iou)))
+        count = torch.zeros(n, device=iou.device).index_add_(0, owner, is_other.float())
+        agreement = torch.where(count > 0, total / count.clamp(min=1), agreement)
     # box i's pick-th candidate sits at (valid candidates of boxes < i) + pick in cand_logits
-    starts = valid.sum(1).cumsum(0) - valid.sum(1)
-    return cand_logits[starts + pick], pick
+    return cand_logits[starts + pick], pick, agreement
 
 
 def projection_fit(mask_logits: Tensor, box_masks: Tensor) -> Tensor:

@@ -401,10 +401,10 @@ class SOLOv2(nn.Module):
             cand_logits = (torch.cat([self._masks(kern[flat[i:i + _CHUNK]], mask_feats[b].float())
                                       for i in range(0, len(flat), _CHUNK)])[:, None] if len(flat)
                            else mask_feats.new_zeros(0, 1, *mask_feats.shape[-2:]).float())
-            logits, pick = best_fitting_candidates(cand_logits, valid, boxes_b, (hp, wp), MASK_FEAT_STRIDE)
+            logits, pick, agreement = best_fitting_candidates(cand_logits, valid, boxes_b, (hp, wp), MASK_FEAT_STRIDE)
             chosen = cand.gather(1, pick[:, None])[:, 0]
             out.append(BoxConditionedMasks(logits, chosen, level_of[chosen], centres[chosen],
-                                           cand_scores.gather(1, pick[:, None])[:, 0], inside))
+                                           cand_scores.gather(1, pick[:, None])[:, 0], inside, agreement))
         return out
 
 

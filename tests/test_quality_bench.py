@@ -1,0 +1,56 @@
+"""Helpers of ``bench/quality.py``'s domain-shift and per-group boxes-given track (no training)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import quality  # noqa: E402
+
+
+def test_size_buckets_follow_coco_area_ranges():
+    assert [quality.size_bucket(a) for a in (0, 1023.9, 1024, 9215, 9216, 1e6)] == [
+        "small", "small", "medium", "medium", "large", "large"]
+
+
+def test_shift_is_true_only_for_kinds_unseen_in_training():
+    assert quality._shifted(["fluorescence"], {"colour"})
+    assert quality._shifted(["fluorescence"], {"colour", "fluorescence"})
+    assert not quality._shifted(["fluorescence"], {"fluorescence"})
+    assert not quality._shifted(None, {"colour"})
+
+
+def _coco(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.png", "height": 10, "width": 10} for i in range(1, 7)]
+    anns = [{"id": 10 + i, "image_id": i, "bbox": [0, 0, 2, 2], "category_id": 1} for i in range(1, 7)]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "n"}]}))
+    kinds = {f"{i}.png": ("colour" if i % 2 else "fluorescence") for i in range(1, 7)}
+    return path, kinds
+
+
+def test_subsets_by_kind(tmp_path):
+    path, kinds = _coco(tmp_path)
+    first = json.loads(quality.subset_by_kind_first(path, kinds, 2, tmp_path / "a").read_text())
+    assert [im["id"] for im in first["images"]] == [1, 2, 3, 4]
+    assert [a["image_id"] for a in first["annotations"]] == [1, 2, 3, 4]
+    only = json.loads(quality.subset_by_kind(path, kinds, {"fluorescence"}, tmp_path / "b").read_text())
+    assert [im["id"] for im in only["images"]] == [2, 4, 6] and len(only["annotations"]) == 3
+    with pytest.raises(SystemExit, match="no image of kind"):
+        quality.subset_by_kind(path, kinds, {"brightfield"}, tmp_path / "c")
+    with pytest.raises(SystemExit, match="have no kind"):
+        quality.subset_by_kind(path, {}, {"colour"}, tmp_path / "d")
+
+
+def test_calibration_table_bins_the_estimate():
+    recs = [{"quality": 0.1, "iou_model": 0.2, "iou_box": 0.6}, {"quality": 0.15, "iou_model": 0.4, "iou_box": 0.6},
+            {"quality": 0.95, "iou_model": 0.9, "iou_box": 0.7}, {"quality": 1.0, "iou_model": 0.8, "iou_box": 0.7},
+            {"quality": None, "iou_model": 0.6, "iou_box": 0.6}]
+    table = quality.calibration_table(recs)
+    assert [b["n"] for b in table] == [2, 2]
+    assert table[0]["mask_IoU"] == pytest.approx(0.3) and table[0]["mask_better"] == 0.0
+    assert table[1]["quality"] == [0.9, 1.0] and table[1]["mask_IoU"] == pytest.approx(0.85)
+    assert table[1]["mask_better"] == 1.0

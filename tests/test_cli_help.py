@@ -142,6 +142,18 @@ def test_recipes_name_prints_the_resolved_recipe(capsys, tmp_path):
     assert load_config(copy).to_dict() == resolved
 
 
+def test_template_recipe_is_listed_and_printed(tmp_path, capsys):
+    """A recipe whose data paths are filled in later (e.g. by a tool) still has a summary and a resolved view."""
+    path = tmp_path / "template.yaml"
+    path.write_text("# Template: data given at run time.\nmethod: boxinst\ndata:\n  train_json: ''\n")
+    info = recipe_info(path)
+    assert (info.method, info.dataset, info.description) == ("boxinst", "-", "Template: data given at run time.")
+    assert main(["recipes", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "# not trainable as it is: data.train_json is empty" in text
+    assert yaml.safe_load(text)["data"]["train_json"] == ""
+
+
 def test_recipes_unknown_name_is_a_clear_error(capsys):
     assert main(["recipes", "no_such_recipe"]) == 2
     err = capsys.readouterr().err

@@ -408,7 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
                                       "one for training, the CPU for the overlays)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of the demo recipe, e.g. solver.base_lr=0.02")
-    _add_verbose(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("recipes", help="list the packaged recipes, or print one with every key resolved",
@@ -418,7 +417,6 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_FORMATTER, epilog=RECIPES_EPILOG)
     p.add_argument("name", nargs="?", metavar="NAME", help="a packaged recipe name or a YAML path")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="section.key=value overrides applied to NAME")
-    _add_verbose(p)
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("train", help="train a recipe (packaged name or YAML path) with key=value overrides",
@@ -435,7 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
                                       "one GPU) (default: the recipe's trainer.accelerator, auto = GPUs if any)")
     p.add_argument("--resume", metavar="CKPT", help="checkpoint to resume from, or 'last' for "
                                                    "OUTPUT/checkpoints/last.ckpt")
-    _add_verbose(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="mask/box AP of a checkpoint on a COCO split (default: the recipe's val split)",
@@ -455,7 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="DIR", help="folder for results.json and metrics.json (default: "
                                                          "eval/ beside the checkpoints folder)")
     _add_device(p)
-    _add_verbose(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="masks for images ► COCO results JSON (RLE) + overlay PNGs + contact sheet",
@@ -473,7 +469,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile the overlays of the first N images into contact_sheet.png; 0 = no sheet "
                         "(default: %(default)s)")
     _add_device(p)
-    _add_verbose(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("annotate", help="masks for the boxes of a COCO JSON ► the same JSON with RLE segmentations",
@@ -490,8 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "given box (default), or the score alone")
     p.add_argument("--candidates", type=int, default=ANNOTATE_CANDIDATES,
                    help="FCOS locations tried per box; the mask whose x/y projections fit the box best is kept")
-    _add_verbose(p)
     p.set_defaults(func=cmd_annotate)
+
+    for command in sub.choices.values():
+        _add_verbose(command)
     return parser
 
 

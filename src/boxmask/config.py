@@ -312,10 +312,13 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None,
+                validate: bool = True) -> Config:
     """Build a :class:`Config` from defaults, a YAML recipe (path, packaged name or dict) and overrides.
 
-    Raises :class:`ConfigError` for unknown keys, unreadable YAML or bad override syntax.
+    Raises :class:`ConfigError` for unknown keys, unreadable YAML or bad override syntax, and (with
+    ``validate``) for failed cross-field checks (:func:`validate_config`; off to inspect a template
+    recipe whose data paths are filled in later).
     """
     cfg = Config()
     if source is not None:
@@ -334,7 +337,8 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
         _merge_into(cfg, values, where)
     if overrides:
         _merge_into(cfg, parse_overrides(overrides), "override")
-    validate_config(cfg)
+    if validate:
+        validate_config(cfg)
     return cfg
 
 

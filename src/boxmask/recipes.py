@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from .config import Config, load_config, packaged_config_names, resolve_config_path
+from .config import Config, ConfigError, load_config, packaged_config_names, resolve_config_path, validate_config
 
 __all__ = ["RecipeInfo", "recipe_description", "recipe_info", "list_recipes", "format_recipe_table", "resolved_yaml"]
 
@@ -42,9 +42,12 @@ def recipe_description(path: str | Path) -> str:
 
 def dataset_name(cfg: Config) -> str:
     """A short name of the recipe's training data: the folder above ``annotations/`` in
-    ``data.train_json`` (``datasets/coco/annotations/x.json`` ► ``coco``), else the JSON's stem."""
+    ``data.train_json`` (``datasets/coco/annotations/x.json`` ► ``coco``), else the JSON's stem;
+    ``-`` for a template without data."""
     if cfg.data.builtin:
         return f"dsb2018-{cfg.data.builtin} (bundled)"
+    if not cfg.data.train_json:
+        return "-"
     path = PurePosixPath(cfg.data.train_json.replace("\\", "/"))
     parts = path.parts
     for i in range(len(parts) - 1, 0, -1):
@@ -54,9 +57,11 @@ def dataset_name(cfg: Config) -> str:
 
 
 def recipe_info(name_or_path: str | Path) -> RecipeInfo:
-    """Summary of a packaged recipe (by name) or a YAML file. Raises :class:`~boxmask.config.ConfigError`."""
+    """Summary of a packaged recipe (by name) or a YAML file, also of a template that does not pass
+    :func:`~boxmask.config.validate_config` as it is (e.g. no data paths). Raises
+    :class:`~boxmask.config.ConfigError` for a missing file, bad YAML or an unknown key."""
     path = resolve_config_path(name_or_path)
-    cfg = load_config(path)
+    cfg = load_config(path, validate=False)
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
     return RecipeInfo(name=name, path=path, method=cfg.method, arch=cfg.model.arch, supervision=cfg.supervision.type,
                       backbone=cfg.model.backbone, dataset=dataset_name(cfg), description=recipe_description(path))
@@ -86,12 +91,17 @@ def format_recipe_table(infos: list[RecipeInfo]) -> str:
 
 def resolved_yaml(name_or_path: str | Path, overrides: list[str] | None = None) -> str:
     """The recipe over the defaults (and ``overrides``) as YAML: every key ``boxmask train`` would use,
-    headed by comments naming the file and its description (so the text is itself a valid recipe)."""
+    headed by comments naming the file and its description (so the text is itself a recipe). A recipe
+    that cannot be trained as it is (a template) is printed too, with the reason in a comment."""
     path = resolve_config_path(name_or_path)
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, validate=False)
     head = [f"# {path.resolve()}"]
     if description := recipe_description(path):
         head.append(f"# {description}")
     note = f" and {len(overrides)} override(s)" if overrides else ""
     head.append(f"# resolved: the recipe over the defaults{note} (src/boxmask/config.py documents every key)")
+    try:
+        validate_config(cfg)
+    except ConfigError as exc:
+        head.append(f"# not trainable as it is: {exc}")
     return "\n".join(head) + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)

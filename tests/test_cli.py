@@ -2,13 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from boxmask.cli import main
 from boxmask.config import ConfigError, load_config
 from boxmask.data.sample import sample_paths
+from boxmask.engine.visualize import SHEET_FILL, SHEET_PADDING, SHEET_TILE
 
 from test_training import TINY
 
@@ -41,6 +44,46 @@ def test_predict_writes_rle_results_and_overlays(checkpoint, tmp_path, capsys):
         assert m.shape == sizes[r["image_id"]]
         assert r["category_id"] == 1 and 0.0 <= r["score"] <= 1.0
     assert sorted(p.name for p in (out / "overlays").iterdir()) == sorted(f.stem + ".png" for f in files)
+    assert sheet_tiles(out / "contact_sheet.png") == (2, 1, 2)
+
+
+def sheet_tiles(path) -> tuple[int, int, int]:
+    """(tiles holding an image, rows, columns) of a contact sheet; empty slots are uniformly SHEET_FILL."""
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    step = SHEET_TILE + SHEET_PADDING
+    rows, cols = (sheet.shape[0] - SHEET_PADDING) // step, (sheet.shape[1] - SHEET_PADDING) // step
+    assert sheet.shape[:2] == (rows * step + SHEET_PADDING, cols * step + SHEET_PADDING)
+    filled = 0
+    for r in range(rows):
+        for c in range(cols):
+            y, x = SHEET_PADDING + r * step, SHEET_PADDING + c * step
+            filled += bool((sheet[y:y + SHEET_TILE, x:x + SHEET_TILE] != SHEET_FILL).any())
+    return filled, rows, cols
+
+
+def test_predict_contact_sheet_is_capped(checkpoint, tmp_path, capsys):
+    files = sorted(sample_paths()["image_dir"].iterdir())[:5]
+    out = tmp_path / "pred"
+    rc = main(["predict", str(checkpoint), *map(str, files), "-o", str(out), "--no-overlays", "--contact-sheet", "3",
+               "--device", "cpu", "--max-dets", "4", "--score-threshold", "0.0"])
+    assert rc == 0
+    assert not (out / "overlays").exists()
+    assert sheet_tiles(out / "contact_sheet.png") == (3, 2, 2)  # 3 of the 5 images, one empty slot
+    assert len(json.loads((out / "images.json").read_text())) == 5
+    per_image = {}
+    for r in json.loads((out / "results.json").read_text()):
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert per_image and max(per_image.values()) <= 4  # --max-dets caps the model's output
+    assert "contact_sheet.png (first 3 images)" in capsys.readouterr().out
+
+
+def test_eval_short_output_option_and_max_dets(checkpoint, tmp_path):
+    assert main(["eval", str(checkpoint), "-o", str(tmp_path), "--device", "cpu", "--max-dets", "150"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["model"]["segm"]["AP"] >= 0.0
+    per_image = {}
+    for r in json.loads((tmp_path / "results.json").read_text()):
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert max(per_image.values()) > 100, "--max-dets above the model's 100 must raise its detection cap"
 
 
 def test_eval_prints_ap_table(checkpoint, tmp_path, capsys):

@@ -121,7 +121,8 @@ def predict_dataset(model: CondInst, dataset: CocoInstances, cat_ids: list[int],
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=make_collate(size_divisibility))
     results, boxfill = [], []
-    for batch in tqdm(loader, desc="inference", disable=not progress, unit="batch"):
+    # disable=None: tqdm turns itself off when stderr is not a terminal (no \r redraws in log files)
+    for batch in tqdm(loader, desc="inference", disable=None if progress else True, unit="batch"):
         preds = model.predict(batch.images.to(device), batch.image_sizes, batch.orig_sizes)
         for image_id, orig, pred in zip(batch.image_ids, batch.orig_sizes, preds):
             boxes, scores, labels = pred.boxes.cpu(), pred.scores.cpu(), pred.labels.cpu()
@@ -178,17 +179,24 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
     return paths
 
 
+#: default number of images tiled into ``predict``'s contact sheet
+CONTACT_SHEET_MAX = 64
+
+
 @torch.no_grad()
 def predict_images(model: CondInst, cfg: Config, meta: dict, images: list[Path], output_dir: str | Path,
                    score_threshold: float = 0.3, device: str | torch.device = "cpu", overlays: bool = True,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, contact_sheet: int = CONTACT_SHEET_MAX) -> Path:
     """Predict masks for image files; write ``results.json`` (COCO results, RLE masks),
-    ``images.json`` (the COCO ``images`` list: id ↔ file) and, with ``overlays``, one PNG per image
-    under ``overlays/``. Detections below ``score_threshold`` are dropped. Returns the results path.
-    Unreadable images raise :class:`~boxmask.data.coco.DatasetError` naming the file (before any work is done).
+    ``images.json`` (the COCO ``images`` list: id ↔ file), with ``overlays`` one PNG per image
+    under ``overlays/``, and ``contact_sheet.png``: the overlays of the first ``contact_sheet`` images
+    as one captioned grid (0 = no sheet). Detections below ``score_threshold`` are dropped. Returns the
+    results path. Unreadable images raise :class:`~boxmask.data.coco.DatasetError` naming the file
+    (before any work is done).
     """
     from ..io import atomic_write_json
-    from .visualize import draw_instances, save_png
+    from .visualize import contact_sheet as make_sheet
+    from .visualize import contact_tile, draw_instances, save_png
 
     out = Path(output_dir)
     transform = build_test_transforms(cfg.data.test_min_size, cfg.data.test_max_size)
@@ -197,8 +205,9 @@ def predict_images(model: CondInst, cfg: Config, meta: dict, images: list[Path],
     decoded = []
     for path in images:  # decode everything first: a bad file fails before any output is written
         decoded.append(read_image_rgb(path))
-    results, image_records = [], []
-    for image_id, (path, image) in enumerate(tqdm(list(zip(images, decoded)), desc="predict", disable=not progress), start=1):
+    results, image_records, tiles = [], [], []
+    for image_id, (path, image) in enumerate(tqdm(list(zip(images, decoded)), desc="predict",
+                                                  disable=None if progress else True), start=1):
         h, w = image.shape[-2:]
         sample = transform({"image": tv_tensors.Image(image), "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
                             "labels": torch.zeros(0, dtype=torch.int64), "ann_ids": torch.zeros(0, dtype=torch.int64),
@@ -209,9 +218,14 @@ def predict_images(model: CondInst, cfg: Config, meta: dict, images: list[Path],
         boxes, scores, labels, masks = pred.boxes[keep].cpu(), pred.scores[keep].cpu(), pred.labels[keep].cpu(), pred.masks[keep].cpu()
         results += detections_to_coco(image_id, boxes, scores, labels, meta["cat_ids"], masks=masks)
         image_records.append({"id": image_id, "file_name": str(path), "height": h, "width": w})
-        if overlays:
+        if overlays or len(tiles) < contact_sheet:
             drawn = draw_instances(image, masks, boxes, labels, scores, meta["class_names"])
-            save_png(out / "overlays" / f"{path.stem}.png", drawn)
+            if overlays:
+                save_png(out / "overlays" / f"{path.stem}.png", drawn)
+            if len(tiles) < contact_sheet:  # tiles are small: the sheet costs little memory
+                tiles.append(contact_tile(drawn, f"{path.name}  {len(scores)} det"))
+    if tiles:
+        save_png(out / "contact_sheet.png", make_sheet(tiles))
     atomic_write_json(out / "images.json", image_records)
     atomic_write_json(out / "results.json", results)
     return out / "results.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -14,11 +15,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from ..config import SUPERVISION_TYPES, Config
+from ..console import is_terminal
 from ..data.coco import CocoInstances
 from ..data.collate import make_collate
 from ..data.transforms import build_train_transforms
 from ..io import atomic_write_json, atomic_write_text
 from .module import AtomicCheckpointIO, BoxMaskModule, SeededDataset, StepBatchSampler
+from .progress import PlainProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,10 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool | None =
     TensorBoard and CSV logs (``logs/{tensorboard,csv}/version_N``, a new version per run or resume), and (rank 0, if ``eval_after_train``) ``eval/metrics.json``.
     Returns ``{"wall_s", "global_step", "checkpoint", "metrics"}``. Dataset problems raise
     :class:`~boxmask.data.coco.DatasetError` before training starts.
+
+    Progress (``progress``, default ``cfg.trainer.progress_bar``): a tqdm bar when stdout is a terminal,
+    otherwise one plain line every ``cfg.trainer.progress_every`` steps (:class:`PlainProgressLog`);
+    ``progress=False`` shows neither.
     """
     import yaml
 
@@ -123,21 +130,29 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool | None =
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"{resume}: checkpoint to resume from not found")
     show_progress = cfg.trainer.progress_bar if progress is None else progress
+    # a bar on a terminal; in a log file its \r redraws would pile up, so plain lines there
+    bar = show_progress and is_terminal(sys.stdout)
     callbacks = [_StepCheckpoint(ckpt_dir, cfg.trainer.checkpoint_every), LearningRateMonitor("step")]
-    if show_progress:
+    if bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    elif show_progress:
+        callbacks.append(PlainProgressLog(cfg.trainer.progress_every or cfg.trainer.log_every))
     trainer = L.Trainer(
         max_steps=cfg.solver.max_iters, max_epochs=-1, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=_precision(cfg),
         gradient_clip_val=cfg.solver.grad_clip or None, gradient_clip_algorithm="norm",
         log_every_n_steps=cfg.trainer.log_every, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         logger=[TensorBoardLogger(out / "logs", name="tensorboard"), CSVLogger(out / "logs", name="csv")],
-        enable_checkpointing=False, enable_progress_bar=show_progress, enable_model_summary=False,
+        enable_checkpointing=False, enable_progress_bar=bar, enable_model_summary=False,
         use_distributed_sampler=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=out,
     )
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if show_progress:
+            print(f"training {cfg.solver.max_iters} steps ({'resumed, ' if resume else ''}batch {cfg.data.batch_size} x "
+                  f"{trainer.world_size} process(es)) on {trainer.strategy.root_device}, precision "
+                  f"{trainer.precision}", flush=True)
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import colorsys
 import io
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make_grid
 
 from boxmask.io import atomic_write_bytes
 
-__all__ = ["instance_colors", "draw_instances", "save_png"]
+__all__ = ["instance_colors", "draw_instances", "save_png", "contact_tile", "contact_sheet",
+           "SHEET_TILE", "SHEET_PADDING", "SHEET_FILL"]
+
+#: contact sheet geometry: tile side and gap (pixels), grey level of the gaps and letterbox bars
+SHEET_TILE = 256
+SHEET_PADDING = 4
+SHEET_FILL = 40
 
 _GOLDEN = 0.618033988749895
 
@@ -145,3 +153,58 @@ def save_png(path: str | os.PathLike, image: torch.Tensor) -> Path:
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def contact_tile(image: torch.Tensor, caption: str | None = None, size: int = SHEET_TILE,
+                 fill: int = SHEET_FILL) -> torch.Tensor:
+    """One tile of a contact sheet: ``image`` scaled to fit a ``size`` x ``size`` square (aspect ratio
+    kept, antialiased), centred on ``fill`` grey, with ``caption`` (e.g. the file name) on a dark strip
+    at the bottom.
+
+    Args:
+        image: ``[3, H, W]`` or ``[1, H, W]`` uint8 image (any device).
+        caption: text drawn at the bottom; ``None`` for none. Cut to fit the tile.
+        size: tile side in pixels.
+        fill: grey level (0-255) of the letterbox bars.
+
+    Returns:
+        ``[3, size, size]`` uint8 CPU tensor.
+    """
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"contact_tile: image must be uint8 [3, H, W], got {tuple(image.shape)} {image.dtype}")
+    img = image.detach().cpu().expand(3, -1, -1)
+    h, w = img.shape[1:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = TF.resize(img, [nh, nw], antialias=True)
+    tile = torch.full((3, size, size), fill, dtype=torch.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    tile[:, top:top + nh, left:left + nw] = small
+    if not caption:
+        return tile
+    pil = Image.fromarray(np.ascontiguousarray(tile.permute(1, 2, 0).numpy()))
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default()
+    while len(caption) > 1 and draw.textlength(caption, font=font) > size - 6:
+        caption = caption[:-2] + "…"
+    bottom = draw.textbbox((0, 0), caption, font=font)[3]
+    draw.rectangle((0, size - bottom - 6, size, size), fill=(0, 0, 0))
+    draw.text((3, size - bottom - 3), caption, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
+
+
+def contact_sheet(tiles: Sequence[torch.Tensor], padding: int = SHEET_PADDING, fill: int = SHEET_FILL) -> torch.Tensor:
+    """Tiles (from :func:`contact_tile`, all the same size) in a grid of ``ceil(sqrt(n))`` columns,
+    row by row, ``padding`` pixels of ``fill`` grey between and around them (``torchvision.utils.make_grid``;
+    a single tile is returned as it is). Empty slots of the last row are ``fill`` grey.
+
+    Returns:
+        ``[3, H, W]`` uint8 tensor.
+
+    Raises:
+        ValueError: no tiles.
+    """
+    if not tiles:
+        raise ValueError("contact_sheet: no tiles")
+    cols = math.ceil(math.sqrt(len(tiles)))
+    return make_grid(list(tiles), nrow=cols, padding=padding, pad_value=fill)

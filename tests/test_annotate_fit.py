@@ -143,8 +143,8 @@ def test_cli_annotate_fit(base_ckpt, tmp_path, capsys):
 def test_default_fit_steps_scale_with_the_data():
     assert default_fit_steps(61, 2, from_checkpoint=False) == 305
     assert default_fit_steps(4, 2, from_checkpoint=False) == 300
-    assert default_fit_steps(4, 2, from_checkpoint=True) == 100
-    assert default_fit_steps(133, 2, from_checkpoint=True) == 266
+    assert default_fit_steps(4, 2, from_checkpoint=True) == 200
+    assert default_fit_steps(133, 2, from_checkpoint=True) == 532
     assert default_fit_steps(10_000, 2) == 3000
     with pytest.raises(ValueError):
         default_fit_steps(0)

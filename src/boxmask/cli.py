@@ -526,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first train on the given boxes (box supervision only, never their masks), starting from "
                         "CHECKPOINT or from the pretrained backbone; resumable, work folder OUTPUT-stem.fit/")
     p.add_argument("--fit-steps", type=int, default=None,
-                   help="training steps of --fit (default: 4 epochs from a checkpoint, 10 from the backbone; "
-                        "100/300 to 3000 steps)")
+                   help="training steps of --fit (default: 8 epochs from a checkpoint, 10 from the backbone; "
+                        "200/300 to 3000 steps)")
     p.add_argument("--fit-image-size", type=int, default=None,
                    help="shorter side of --fit training before the box-adaptive scale (default: the model's test size)")
     p.add_argument("--fit-recipe", default=None,

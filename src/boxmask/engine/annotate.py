@@ -360,7 +360,7 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
                         collate_fn=make_collate(cfg.data.size_divisibility))
     out_stride = model.mask_out_stride
     threshold = cfg.model.mask_threshold
-    bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), desc="annotate", unit="img", disable=not progress)
+    bar = tqdm(total=len(dataset), initial=len(dataset) - len(todo), desc="annotate", unit="img", disable=None if progress else True)
     since_sync = 0
     with open(side, "a", encoding="utf-8") as fh:
         for batch in loader:

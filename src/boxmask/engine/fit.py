@@ -47,12 +47,12 @@ def fit_dir_for(output_json: str | Path) -> Path:
 
 
 def default_fit_steps(num_images: int, batch_size: int = 2, from_checkpoint: bool = True) -> int:
-    """Optimisation steps that scale with the data: ``ceil(epochs * images / batch)`` with 4 epochs when
-    starting from a trained checkpoint and 10 from the backbone alone, clamped to ``[100, 3000]``
+    """Optimisation steps that scale with the data: ``ceil(epochs * images / batch)`` with 8 epochs when
+    starting from a trained checkpoint and 10 from the backbone alone, clamped to ``[200, 3000]``
     (from a checkpoint) or ``[300, 3000]``. Raises ValueError for ``num_images < 1`` or ``batch_size < 1``."""
     if num_images < 1 or batch_size < 1:
         raise ValueError(f"need at least one image and a positive batch size, got {num_images} and {batch_size}")
-    epochs, lo = (4, 100) if from_checkpoint else (10, 300)
+    epochs, lo = (8, 200) if from_checkpoint else (10, 300)
     return int(min(max(math.ceil(epochs * num_images / batch_size), lo), 3000))
 
 

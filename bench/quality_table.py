@@ -49,8 +49,9 @@ def newest(rows: list[dict], dataset: str, run: str | None) -> list[dict]:
     run = run or mine[-1]["run"]
     latest: dict = {}
     for r in mine:
-        if r["run"] == run:
-            latest[(r["track"], r["method"], r["device"])] = r
+        # per-group rows (image kinds, size buckets) belong to group_table; subsets of another size are kept apart
+        if r["run"] == run and r.get("group", "all") == "all":
+            latest[(r["track"], r["method"], r["device"], r["images"])] = r
     key = {m: i for i, m in enumerate(ORDER)}
     return sorted(latest.values(), key=lambda r: (r["track"] != "end_to_end", key.get(r["method"], 99), r["device"]))
 
@@ -70,11 +71,49 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+GROUP_ORDER = ("all", "fluorescence", "colour", "brightfield", "small", "medium", "large")
+GIVEN_ORDER = ("filled_box", "grabcut", "boxinst_annotate_nofallback", "boxinst_annotate",
+               "boxinst_annotate_fit_nofallback", "boxinst_annotate_fit")
+
+
+def group_table(rows: list[dict], run: str) -> str:
+    """Per-group pivot of the newest boxes-given rows of ``run``: one line per method, one column per group
+    (``all``, image kinds, COCO size buckets) holding ``mask AP / mean IoU`` and, marked ``*`` where the
+    model never saw that image kind; then the share of masks worse than their box and the time per image."""
+    latest: dict = {}
+    for r in rows:
+        if r["run"] == run and r["track"] == "boxes_given" and "group" in r:
+            latest[(r["method"], r["group"])] = r
+    groups = [g for g in GROUP_ORDER if any(k[1] == g for k in latest)]
+    groups += sorted({k[1] for k in latest} - set(groups))
+    methods = [m for m in GIVEN_ORDER if any(k[0] == m for k in latest)]
+    methods += sorted({k[0] for k in latest} - set(methods))
+
+    def f(v, digits=1):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    head = "| method | " + " | ".join(groups) + " | worse than box (all) | s / image |"
+    lines = [head, "|---|" + "---:|" * (len(groups) + 2)]
+    for m in methods:
+        cells = []
+        for g in groups:
+            r = latest.get((m, g))
+            cells.append("-" if r is None else
+                         f"{f(r['mask_AP'])} / {f(r.get('mean_mask_IoU'))}{'*' if r.get('shift') else ''}")
+        a = latest.get((m, "all"), {})
+        worse = a.get("worse_than_box")
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {'-' if worse is None else f'{100 * worse:.0f} %'} | "
+                     f"{f(a.get('s_per_image'), 2)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality.jsonl"))
     ap.add_argument("--dataset", nargs="*", default=None, help="datasets (default: all in the file)")
     ap.add_argument("--run", default=None, help="run name (default: the newest run of each dataset)")
+    ap.add_argument("--groups", nargs="*", default=[], help="runs whose boxes-given rows are shown per group "
+                                                           "(image kind, size bucket)")
     args = ap.parse_args(argv)
     rows = load_rows(Path(args.results))
     datasets = args.dataset or list(dict.fromkeys(r["dataset"] for r in rows))
@@ -88,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"**{name} val** ({r0['run']}: {r0['backbone']}, test size {r0['image_size']}, {r0['iterations']} "
               f"iterations, batch {r0['batch_size']}, maxDets {r0['max_dets']}; {'; '.join(devices)}; {r0['date']})\n")
         print(table(sel) + "\n")
+    for run in args.groups:
+        print(f"**{run}, boxes given, per group** (mask AP / mean IoU with the GT in %; * = image kind unseen in "
+              "training)\n")
+        print(group_table(rows, run) + "\n")
     return 0
 
 

@@ -54,3 +54,22 @@ def test_calibration_table_bins_the_estimate():
     assert table[0]["mask_IoU"] == pytest.approx(0.3) and table[0]["mask_better"] == 0.0
     assert table[1]["quality"] == [0.9, 1.0] and table[1]["mask_IoU"] == pytest.approx(0.85)
     assert table[1]["mask_better"] == 1.0
+
+
+def test_group_table_pivots_the_newest_rows_per_method_and_group():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import quality_table
+
+    def row(method, group, ap, iou, shift=False, **kw):
+        return {"run": "r", "track": "boxes_given", "method": method, "group": group, "mask_AP": ap,
+                "mean_mask_IoU": iou, "shift": shift, **kw}
+
+    rows = [row("boxinst_annotate", "all", 10.0, 50.0), row("boxinst_annotate", "all", 40.0, 70.0, True,
+                                                            worse_than_box=0.25, s_per_image=0.5),
+            row("boxinst_annotate", "colour", 30.0, 60.0, True), row("filled_box", "all", 35.0, 69.0, True),
+            row("filled_box", "small", 33.0, 68.0), {**row("x", "all", 1.0, 1.0), "run": "other"}]
+    text = quality_table.group_table(rows, "r").splitlines()
+    assert text[0] == "| method | all | colour | small | worse than box (all) | s / image |"
+    assert text[2] == "| filled_box | 35.0 / 69.0* | - | 33.0 / 68.0 | - | - |"
+    assert text[3] == "| boxinst_annotate | 40.0 / 70.0* | 30.0 / 60.0* | - | 25 % | 0.50 |"
+    assert len(text) == 4

@@ -363,7 +363,7 @@ def boxes_given_rows(args, given, trained, cfgs, out, base, empty, val_json, ima
 
     from boxmask.engine.annotate import FALLBACK_THRESHOLD, annotate_dataset, report_path
     from boxmask.engine.baselines import annotations_to_results, filled_box_annotations, grabcut_annotations, mask_ious
-    from boxmask.engine.fit import fit_config, fit_to_boxes
+    from boxmask.engine.fit import FitError, fit_config, fit_to_boxes
     from boxmask.engine.inference import load_checkpoint
 
     tau = FALLBACK_THRESHOLD if args.fallback_threshold is None else args.fallback_threshold
@@ -429,7 +429,11 @@ def boxes_given_rows(args, given, trained, cfgs, out, base, empty, val_json, ima
                                   image_size=args.image_size, box_size=args.fit_train_box_size, progress=False,
                                   overrides=[f"trainer.accelerator={'gpu' if use_cuda else 'cpu'}"])
                 print(f"== {method}: fitting {fcfg.solver.max_iters} steps on the {n_images} images' boxes")
-                fit = fit_to_boxes(fcfg, resume=args.reuse)
+                try:
+                    fit = fit_to_boxes(fcfg, resume=args.reuse)
+                except FitError as exc:  # a fit of other settings in the folder: fit again, as trainings do
+                    print(f"{exc}; fitting again")
+                    fit = fit_to_boxes(fcfg, resume=False)
                 ckpt, box_size = fit["checkpoint"], args.fit_box_size
                 extra.update(fit_steps=fcfg.solver.max_iters, fit_wall_s=round(fit["wall_s"], 1), fit_state=fit["state"],
                              fit_train_box_size=args.fit_train_box_size)

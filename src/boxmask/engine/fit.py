@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ..config import SUPERVISION_TYPES, Config, load_config
-from .inference import CheckpointError
+from .inference import CheckpointError, read_checkpoint  # noqa: F401 - CheckpointError is documented here
 
 __all__ = ["FIT_BOX_SIZE", "FIT_RECIPE", "FIT_TRAIN_BOX_SIZE", "FitError", "default_fit_steps", "fit_config", "fit_to_boxes", "fit_dir_for"]
 
@@ -88,18 +88,7 @@ def fit_config(ann_file: str | Path, image_dir: str | Path, work_dir: str | Path
     if not ann_file.is_file():
         raise FileNotFoundError(f"{ann_file}: annotation file not found")
     if checkpoint is not None:
-        import torch
-
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: checkpoint not found")
-        try:
-            hp = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters") or {}
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
-        if "config" not in hp:
-            raise CheckpointError(f"{path}: not a boxmask checkpoint (no hyper_parameters/config)")
-        base = dict(hp["config"])
+        base = dict(read_checkpoint(checkpoint)["hyper_parameters"]["config"])
     else:
         base = load_config(recipe or FIT_RECIPE, ["data.train_json=-"]).to_dict()
     base["data"] = dict(base["data"], builtin="", val_json="", val_images="")

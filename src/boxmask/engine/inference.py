@@ -21,13 +21,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not a boxmask checkpoint."""
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CondInst, Config, dict]:
-    """Rebuild the model of a boxmask (Lightning) checkpoint.
-
-    Returns ``(model in eval mode on device, config, meta)`` where meta has ``class_names``,
-    ``cat_ids`` and ``global_step``. The backbone is built without pretrained weights (the checkpoint
-    holds them). Raises :class:`CheckpointError` naming the file.
-    """
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw dict of a boxmask (Lightning) checkpoint on the CPU, with ``hyper_parameters`` (``config``,
+    ``class_names``) and ``state_dict`` checked. Raises :class:`CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -36,8 +32,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hp or "config" not in hp or "state_dict" not in ckpt:
+    if not hp or "config" not in hp or "class_names" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a boxmask checkpoint (no hyper_parameters/config or state_dict)")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CondInst, Config, dict]:
+    """Rebuild the model of a boxmask (Lightning) checkpoint.
+
+    Returns ``(model in eval mode on device, config, meta)`` where meta has ``class_names``,
+    ``cat_ids`` and ``global_step``. The backbone is built without pretrained weights (the checkpoint
+    holds them). Raises :class:`CheckpointError` naming the file.
+    """
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
     cfg = load_config(hp["config"])
     cfg.model.backbone_weights = "none"
     model = build_model(cfg.model, len(hp["class_names"]))
@@ -64,16 +72,8 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, class_names: li
     differs (left as initialised). Raises :class:`CheckpointError` naming the file when it is not a boxmask
     checkpoint or its architecture differs (no tensor name in common).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint to initialise from not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc})") from exc
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hp or "class_names" not in hp or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path}: not a boxmask checkpoint (no hyper_parameters/class_names or state_dict)")
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
     old = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     own = model.state_dict()
     if not set(old) & set(own):

@@ -11,7 +11,7 @@ from boxmask.cli import build_parser, main
 from boxmask.config import load_config, packaged_config_names, resolve_config_path
 from boxmask.recipes import recipe_description, recipe_info
 
-COMMANDS = {"demo", "recipes", "train", "eval", "predict", "annotate"}
+COMMANDS = {"demo", "recipes", "train", "eval", "predict", "annotate", "export"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -1,4 +1,4 @@
-"""``boxmask`` command line: demo, recipes, train, eval, predict, annotate.
+"""``boxmask`` command line: demo, recipes, train, eval, predict, annotate, export.
 
 ``boxmask --help`` and ``boxmask COMMAND --help`` are the manual: every option has a help line and
 every command an epilog of example commands. Heavy imports (torch, Lightning) happen inside the
@@ -151,28 +151,73 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _onnx_model(args):
+    """``(OnnxModel, cfg, meta)`` of ``--onnx`` (``--device cuda``: onnxruntime's CUDA provider)."""
+    from .engine.export import load_onnx
+
+    providers = None
+    if args.device not in (None, "auto", "cpu"):
+        from .engine.export import require_onnx
+
+        _, ort = require_onnx(runtime_only=True)
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UsageError(f"--device {args.device} with --onnx: this onnxruntime has no CUDA provider "
+                             "(install onnxruntime-gpu, or use --device cpu)")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return load_onnx(args.onnx, providers=providers)
+
+
+def _onnx_overrides(args) -> list[str]:
+    """The KEY=VALUE overrides of eval/predict with ``--onnx``: model.* settings live in the graph."""
+    overrides = list(getattr(args, "overrides", None) or [])
+    if args.checkpoint and "=" in args.checkpoint:  # `eval --onnx M key=value`: argparse took it as CKPT
+        overrides.insert(0, args.checkpoint)
+        args.checkpoint = None
+    fixed = [o for o in overrides if o.startswith("model.")]
+    if fixed:
+        raise UsageError(f"{', '.join(fixed)}: model settings are fixed in the exported graph; "
+                         "export again with the override (boxmask export CKPT ... KEY=VALUE)")
+    return overrides
+
+
 def cmd_eval(args) -> int:
-    """``boxmask eval``: COCO AP of a checkpoint on a split; results and metrics written to ``-o``."""
+    """``boxmask eval``: COCO AP of a checkpoint (or an ONNX export) on a split; results and metrics to ``-o``."""
     from .config import load_config
     from .engine.evaluator import format_ap_table
     from .engine.inference import evaluate_model, load_checkpoint
     from .engine.train import resolve_data_paths
 
-    device = _device(args.device)
-    model, cfg, meta = load_checkpoint(args.checkpoint, device)
-    if args.overrides:
-        cfg = load_config(cfg.to_dict(), args.overrides)
-        model.cfg = cfg.model
-    if args.max_dets:
-        # COCOeval's maxDets counts only what the model returns: let it return that many
-        cfg.model.max_detections = max(cfg.model.max_detections, args.max_dets)
-        model.cfg = cfg.model
+    if args.onnx:
+        overrides = _onnx_overrides(args)
+        if args.checkpoint:
+            raise UsageError("give a CKPT or --onnx MODEL, not both")
+        device = "cpu"
+        model, cfg, meta = _onnx_model(args)
+        if overrides:
+            cfg = load_config(cfg.to_dict(), overrides)
+        if args.max_dets and args.max_dets > model.max_dets:
+            raise UsageError(f"--max-dets {args.max_dets}: the model was exported with at most {model.max_dets} "
+                             "detections per image (boxmask export --max-dets N)")
+        default_out = Path(args.onnx).resolve().parent / "eval-onnx"
+    elif not args.checkpoint:
+        raise UsageError("give a CKPT or --onnx MODEL")
+    else:
+        device = _device(args.device)
+        model, cfg, meta = load_checkpoint(args.checkpoint, device)
+        if args.overrides:
+            cfg = load_config(cfg.to_dict(), args.overrides)
+            model.cfg = cfg.model
+        if args.max_dets:
+            # COCOeval's maxDets counts only what the model returns: let it return that many
+            cfg.model.max_detections = max(cfg.model.max_detections, args.max_dets)
+            model.cfg = cfg.model
+        default_out = Path(args.checkpoint).resolve().parent.parent / "eval"
     paths = resolve_data_paths(cfg)
     ann = args.ann_file or paths["val_json"]
     images = args.images or paths["val_images"]
     if not ann or not images:
         raise UsageError("no --ann-file/--images given and the checkpoint's recipe has no val split")
-    out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent.parent / "eval"
+    out = Path(args.output) if args.output else default_out
     metrics = evaluate_model(model, cfg, meta["cat_ids"], ann, images, device=device, max_dets=args.max_dets,
                              output_dir=out)
     print(format_ap_table({"segm": metrics["model"]["segm"], "bbox": metrics["model"]["bbox"],
@@ -182,14 +227,25 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    """``boxmask predict``: masks for image files ► results JSON, overlays, contact sheet."""
+    """``boxmask predict``: masks for image files ► results JSON, overlays, contact sheet (PyTorch or ONNX)."""
     from .engine.inference import list_images, load_checkpoint, predict_images
 
-    device = _device(args.device)
-    model, cfg, meta = load_checkpoint(args.checkpoint, device)
-    if args.max_dets:
-        cfg.model.max_detections = args.max_dets
-        model.cfg = cfg.model
+    if args.onnx:
+        _onnx_overrides(args)
+        # no CKPT with --onnx: every positional is an input
+        args.inputs = ([args.checkpoint] if args.checkpoint else []) + list(args.inputs)
+        device = "cpu"
+        model, cfg, meta = _onnx_model(args)
+        if args.max_dets:
+            model.max_detections = args.max_dets
+    else:
+        if not args.checkpoint or not args.inputs:
+            raise UsageError("give a CKPT and at least one INPUT (or --onnx MODEL INPUT...)")
+        device = _device(args.device)
+        model, cfg, meta = load_checkpoint(args.checkpoint, device)
+        if args.max_dets:
+            cfg.model.max_detections = args.max_dets
+            model.cfg = cfg.model
     images = list_images(args.inputs)
     if not images:
         raise UsageError("no images found in the inputs")
@@ -201,6 +257,23 @@ def cmd_predict(args) -> int:
         print(f"overlays      {out / 'overlays'}")
     if args.contact_sheet > 0:
         print(f"contact sheet {out / 'contact_sheet.png'} (first {min(len(images), args.contact_sheet)} images)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """``boxmask export``: an ONNX model (post-processing and metadata inside) of a checkpoint."""
+    from .engine.export import export_onnx
+
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    t0 = time.time()
+    info = export_onnx(args.checkpoint, out, image_size=tuple(args.image_size) if args.image_size else None,
+                       dynamic=args.dynamic, max_dets=args.max_dets, binary_masks=args.binary_masks,
+                       opset=args.opset, overrides=args.overrides)
+    size = "dynamic batch and size" if args.dynamic else f"batch 1, {info['input_size'][0]}x{info['input_size'][1]}"
+    print(f"exported {info['family']} ({info['method']}) ► {out}   ({size}; up to {info['max_dets']} detections; "
+          f"{info['masks']} masks; {time.time() - t0:.1f} s)")
+    print(f"  input  images uint8 [B,3,H,W] RGB; outputs boxes, scores, labels, masks, num_dets")
+    print(f"  run    boxmask predict --onnx {_q(out)} IMAGES... -o preds   |   boxmask eval --onnx {_q(out)}")
     return 0
 
 
@@ -353,6 +426,7 @@ examples:
   boxmask eval runs/nuts/checkpoints/model_final.ckpt                 # the recipe's val split
   boxmask eval CKPT --ann-file val.json --images imgs/ --max-dets 400 -o runs/nuts/eval-other
   boxmask eval CKPT data.test_min_size=640 --device cpu                # with a config override
+  boxmask eval --onnx nuts.onnx                                        # an exported model, onnxruntime (CPU)
 
 Prints COCO mask AP and box AP (AP, AP50, AP75, APs, APm, APl) and the AP of the same detections
 with their boxes filled as masks; writes results.json, results_boxfill.json and metrics.json.
@@ -363,9 +437,24 @@ examples:
   boxmask predict CKPT photos/ -o preds
   boxmask predict CKPT a.jpg b.png list.txt --score-threshold 0.5 --device cuda:1
   boxmask predict CKPT photos/ -o preds --no-overlays --contact-sheet 16
+  boxmask predict --onnx nuts.onnx photos/ -o preds                      # an exported model, onnxruntime
 
 Writes results.json (COCO results, RLE masks), images.json (image id <-> file), overlays/*.png and
 contact_sheet.png (the overlays of the first images in one grid, for a quick look).
+"""
+
+EXPORT_EPILOG = """\
+examples:
+  boxmask export runs/nuts/checkpoints/model_final.ckpt -o nuts.onnx --dynamic
+  boxmask export CKPT -o nuts_512.onnx --image-size 512 512 --max-dets 50
+  boxmask export CKPT -o nuts.onnx --dynamic model.score_threshold=0.3     # thresholds are baked in
+
+The graph takes uint8 [B,3,H,W] RGB images (one size per batch; resize first, e.g. to the recipe's
+test size) and returns boxes [B,K,4] (xyxy, input pixels), scores [B,K], labels [B,K] (-1 = padding),
+masks [B,K,H,W] (probabilities, or 0/1 with --binary-masks) and num_dets [B]. Post-processing (NMS or
+Matrix NMS, the dynamic mask head, upsampling) is inside; class names, category ids, normalisation,
+thresholds and the recipe are in the model's metadata. Needs the extra: pip install "boxmask[export]".
+Run it with onnxruntime: boxmask predict --onnx MODEL IMAGES..., boxmask eval --onnx MODEL.
 """
 
 ANNOTATE_EPILOG = """\
@@ -466,8 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="mask/box AP of a checkpoint on a COCO split (default: the recipe's val split)",
                        description="COCO mask and box AP of a checkpoint, and of its detections with the boxes filled.",
                        formatter_class=_FORMATTER, epilog=EVAL_EPILOG)
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint written by train (e.g. "
-                                                      "OUTPUT/checkpoints/model_final.ckpt)")
+    p.add_argument("checkpoint", nargs="?", default=None, metavar="CKPT",
+                   help="a checkpoint written by train (e.g. OUTPUT/checkpoints/model_final.ckpt); not with --onnx")
+    p.add_argument("--onnx", metavar="MODEL", help="evaluate a model written by `boxmask export` with onnxruntime "
+                                                   "(CPU) instead of a checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides of the checkpoint's recipe, e.g. data.test_min_size=640 model.score_threshold=0.01")
     p.add_argument("--ann-file", metavar="JSON", help="COCO instances JSON with ground-truth masks (default: the "
@@ -478,15 +569,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detections per image, in the model's output and in COCOeval's maxDets (default: the "
                         "recipe's trainer.eval_max_dets, 100)")
     p.add_argument("-o", "--output", metavar="DIR", help="folder for results.json and metrics.json (default: "
-                                                         "eval/ beside the checkpoints folder)")
+                                                         "eval/ beside the checkpoints folder; eval-onnx/ beside "
+                                                         "an ONNX model)")
     _add_device(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="masks for images ► COCO results JSON (RLE) + overlay PNGs + contact sheet",
                        description="Predict instance masks for image files, folders or lists of paths.",
                        formatter_class=_FORMATTER, epilog=PREDICT_EPILOG)
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint written by train")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, or .txt lists of paths")
+    p.add_argument("checkpoint", nargs="?", default=None, metavar="CKPT",
+                   help="a checkpoint written by train (left out with --onnx)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders, or .txt lists of paths")
+    p.add_argument("--onnx", metavar="MODEL", help="predict with a model written by `boxmask export`, run by "
+                                                   "onnxruntime (CPU), instead of a checkpoint")
     p.add_argument("-o", "--output", default="predictions", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--score-threshold", type=float, default=0.3, metavar="SCORE",
                    help="detections below this score are dropped (default: %(default)s)")
@@ -498,6 +593,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     _add_device(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="an ONNX model of a checkpoint (post-processing inside) for onnxruntime",
+                       description="Export a CondInst-family (BoxInst, CondInst, mixed, SIM) or SOLOv2-family "
+                                   "(BoxLevelSet) checkpoint to ONNX: uint8 images in; boxes, scores, labels, masks "
+                                   "and num_dets out, with the post-processing and the metadata inside.",
+                       formatter_class=_FORMATTER, epilog=EXPORT_EPILOG)
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint written by train")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of the checkpoint's recipe baked into the graph, e.g. model.score_threshold=0.3")
+    p.add_argument("-o", "--output", metavar="MODEL.onnx", help="output file (default: CKPT with .onnx)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                      help="fixed input size (batch 1); default: the recipe's test size, square")
+    size.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--max-dets", type=int, default=None, metavar="K",
+                   help="detections per image in the outputs (default: the recipe's model.max_detections, 100)")
+    p.add_argument("--binary-masks", action="store_true",
+                   help="output 0/1 uint8 masks (prob > mask_threshold) instead of float probabilities")
+    p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset (default: %(default)s)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("annotate", help="masks for the boxes of a COCO JSON ► the same JSON with RLE segmentations",
                        description="Masks for the boxes of a box-labelled COCO dataset: from a trained checkpoint "
@@ -550,10 +665,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .data.coco import DatasetError
     from .engine.annotate import AnnotateError
+    from .engine.export import ExportError
     from .engine.fit import FitError
     from .engine.inference import CheckpointError
 
-    return ConfigError, DatasetError, CheckpointError, AnnotateError, FitError, FileNotFoundError, UsageError
+    return (ConfigError, DatasetError, CheckpointError, AnnotateError, ExportError, FitError, FileNotFoundError,
+            UsageError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -314,13 +314,30 @@ class SOLOv2(nn.Module):
             images: uint8 ``[B,3,Hp,Wp]``; image_sizes / orig_sizes: per image ``(h, w)`` resized / original.
         Returns one :class:`~boxmask.modeling.condinst.InstancePredictions` per image.
         """
+        out = []
+        for (scores, labels, up), (oh, ow) in zip(self.predict_probs(images, image_sizes), orig_sizes):
+            if len(scores) == 0:
+                out.append(InstancePredictions(torch.zeros(0, 4, device=images.device),
+                                               torch.zeros(0, device=images.device),
+                                               torch.zeros(0, dtype=torch.int64, device=images.device),
+                                               torch.zeros(0, oh, ow, dtype=torch.bool, device=images.device)))
+                continue
+            final = F.interpolate(up[:, None], size=(oh, ow), mode="bilinear", align_corners=False)[:, 0] > self.cfg.mask_threshold
+            out.append(InstancePredictions(_tight_boxes(final), scores, labels, final))
+        return out
+
+    @torch.no_grad()
+    def predict_probs(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The detections of :meth:`predict` before the resize to the original size: per image
+        ``(scores float32 [N], labels int64 [N], mask probabilities float32 [N,h,w])`` at the resized image
+        size ``image_sizes[b]`` (upsampled ×4 bilinear to the padded size and cropped), sorted by score."""
         cfg = self.cfg
         cates, kernels, mask_feats = self._forward_features(images)
         hp, wp = images.shape[-2:]
         out = []
         level_stride = torch.cat([torch.full((s * s,), float(SOLO_HEAD_STRIDES[l]), device=images.device)
                                   for l, s in enumerate(cfg.solo_grids)])
-        for b, ((h, w), (oh, ow)) in enumerate(zip(image_sizes, orig_sizes)):
+        for b, (h, w) in enumerate(image_sizes):
             probs = torch.cat([point_nms(c[b:b + 1].float().sigmoid())[0].flatten(1).t() for c in cates])  # [N,C]
             kern = torch.cat([k[b].flatten(1).t() for k in kernels])  # [N,E]
             cells, labels = torch.nonzero(probs > cfg.score_threshold, as_tuple=True)
@@ -344,14 +361,11 @@ class SOLOv2(nn.Module):
                 keep = keep[scores[keep].argsort(descending=True)][: cfg.max_detections]
                 labels, scores, keep_probs = labels[keep], scores[keep], mask_probs[keep]
             if len(keep_probs) == 0:
-                out.append(InstancePredictions(torch.zeros(0, 4, device=images.device),
-                                               torch.zeros(0, device=images.device),
-                                               torch.zeros(0, dtype=torch.int64, device=images.device),
-                                               torch.zeros(0, oh, ow, dtype=torch.bool, device=images.device)))
+                out.append((torch.zeros(0, device=images.device), torch.zeros(0, dtype=torch.int64, device=images.device),
+                            torch.zeros(0, h, w, device=images.device)))
                 continue
-            up = F.interpolate(keep_probs[:, None], size=(hp, wp), mode="bilinear", align_corners=False)[:, :, :h, :w]
-            final = F.interpolate(up, size=(oh, ow), mode="bilinear", align_corners=False)[:, 0] > cfg.mask_threshold
-            out.append(InstancePredictions(_tight_boxes(final), scores.float(), labels, final))
+            up = F.interpolate(keep_probs[:, None], size=(hp, wp), mode="bilinear", align_corners=False)[:, 0, :h, :w]
+            out.append((scores.float(), labels, up))
         return out
 
     @torch.no_grad()

@@ -57,6 +57,17 @@ sample, resized to exactly the stated size with their boxes), it measures, as me
   line. Inference is not timed again: the teacher is training-only, a SIM checkpoint loads as the
   same network as BoxInst's.
 
+* with ``--inference`` (instead of everything above): inference rows only, ``benchmark: "inference"``, one per
+  runtime: ``runtime`` ``pytorch`` (``model.predict``, eager, fp32, ``torch.set_num_threads(--threads)``) and
+  ``onnxruntime`` (the model exported by ``boxmask.engine.export`` at the stated size, batch 1, run by
+  onnxruntime's CPU provider with ``intra_op_num_threads = --threads``, through ``OnnxModel.predict``: crop,
+  graph, resize to the image size, threshold), each ``infer_img_per_s`` end to end (uint8 image in, boxes, scores,
+  labels and binary masks at the image size out) on the same images, score threshold 0 (up to
+  ``max_detections``, 100, instances per image, as above). ``onnx_outputs_match``: the same run's onnxruntime
+  outputs equal PyTorch's (same number of detections, matched one-to-one; boxes within 1e-3 px, scores within
+  1e-3, binary masks identical except at <= 0.1 % of the pixels). Random-initialised weights, as above
+  (the cost does not depend on them; a random network's near-equal scores make the match harder, not easier).
+
 One JSON line per config is printed and appended to ``bench/results/speed.jsonl`` (``--output``).
 Targets of the issue: ``loss_speedup >= 3``, ``loss_mem_ratio <= 0.5``, ``loss_max_rel_diff <= 1e-4``,
 ``loss_fraction < 0.15`` (loss path / step); recorded under ``targets``.
@@ -674,6 +685,84 @@ def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 
     return record
 
 
+def _match_outputs(ref, got) -> bool:
+    """True when two lists of ``InstancePredictions`` hold the same detections (see ``--inference``)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    for a, b in zip(ref, got):
+        if len(a.scores) != len(b.scores):
+            return False
+        if len(a.scores) == 0:
+            continue
+        cost = ((a.scores[:, None] - b.scores[None]).abs() * 100 + (a.boxes[:, None] - b.boxes[None]).abs().sum(2))
+        _, cols = linear_sum_assignment(np.asarray(cost.cpu()))
+        cols = torch.as_tensor(cols)
+        if not torch.equal(a.labels.cpu(), b.labels[cols].cpu()):
+            return False
+        if (a.boxes.cpu() - b.boxes[cols].cpu()).abs().max() > 1e-3 or (a.scores.cpu() - b.scores[cols].cpu()).abs().max() > 1e-3:
+            return False
+        if (a.masks.cpu() != b.masks[cols].cpu()).float().mean() > 1e-3:
+            return False
+    return True
+
+
+def run_inference(name: str, *, threads: int = 2, reps: int = 5, warmup: int = 2, dataset: str | None = None,
+                  image_size: tuple[int, int] | None = None, batch: int | None = None, overrides: Sequence[str] = (),
+                  seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Inference rows of config ``name`` on the CPU: PyTorch eager and onnxruntime (module doc, ``--inference``).
+
+    Returns two records (``runtime`` ``pytorch`` and ``onnxruntime``). Raises KeyError for an unknown config,
+    :class:`boxmask.engine.export.ExportError` when onnx/onnxruntime are missing.
+    """
+    from boxmask.engine.export import OnnxModel, export_model
+
+    say = log or (lambda _msg: None)
+    cfg = build_bench_config(name, [*overrides, "model.score_threshold=0.0"])
+    spec = CONFIGS[name]
+    hw = tuple(image_size or spec.image_size)
+    bsz = int(batch or spec.batch)
+    dataset = dataset or default_dataset()
+    torch.set_num_threads(threads)
+    data, num_classes, ds_name = load_batch(dataset, hw, bsz, cfg.data.size_divisibility)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes).eval()
+    sizes = [tuple(s) for s in data.image_sizes]
+
+    def predict_all(m):
+        return [m.predict(data.images[b:b + 1], [sizes[b]], [sizes[b]])[0] for b in range(bsz)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        say(f"[{name}] export ...")
+        t0 = time.perf_counter()
+        meta = {"class_names": [f"class{i}" for i in range(num_classes)], "cat_ids": list(range(1, num_classes + 1))}
+        export_model(model, cfg, meta, Path(tmp) / "model.onnx", image_size=sizes[0])
+        export_s = time.perf_counter() - t0
+        runner = OnnxModel(Path(tmp) / "model.onnx", threads=threads)
+        with torch.no_grad():
+            ref, got = predict_all(model), predict_all(runner)
+        match = _match_outputs(ref, got)
+        rows = []
+        for runtime, m in (("pytorch", model), ("onnxruntime", runner)):
+            say(f"[{name}] inference, {runtime} ...")
+            with torch.no_grad():
+                infer_s = time_call(lambda: predict_all(m), torch.device("cpu"), reps, warmup) / bsz
+            import onnxruntime
+
+            rows.append({
+                "benchmark": "inference", "config": name, "backbone": cfg.model.backbone,
+                "fpn_channels": cfg.model.fpn_channels, "dataset": ds_name, "weights": "random init",
+                "device": device_description(torch.device("cpu")), "runtime": runtime, "threads": threads,
+                "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                "image_size": [int(hw[0]), int(hw[1])], "images": bsz, "reps": reps, "warmup": warmup,
+                "infer_img_per_s": 1.0 / infer_s,
+                "infer_detections_per_img": statistics.mean(len(p.scores) for p in (ref if runtime == "pytorch" else got)),
+                "onnx_outputs_match": match, "export_s": export_s,
+                "commit": git_commit(), "date": dt.date.today().isoformat(),
+            })
+    return rows
+
+
 def levelset_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.device, reps: int, warmup: int,
                     seed: int, amp: Callable[[], contextlib.AbstractContextManager]) -> dict:
     """Training step and loss path with ``supervision.type=levelset`` (BoxLevelSet losses on CondInst).
@@ -787,6 +876,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="also time the level-set supervision (BoxLevelSet losses on the same network)")
     ap.add_argument("--sim", action="store_true",
                     help="also time a SIM training step (teacher, prototypes, pseudo masks, copy-paste)")
+    ap.add_argument("--inference", action="store_true",
+                    help="only the inference rows: PyTorch eager and onnxruntime on the CPU with --threads (default 2)")
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON-lines file to append to")
     args = ap.parse_args(argv)
     if args.threads > 0:
@@ -795,6 +886,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
+    if args.inference:
+        for name in args.configs:
+            for rec in run_inference(name, threads=args.threads or 2, reps=args.reps, warmup=args.warmup,
+                                     dataset=args.dataset, image_size=image_size, batch=args.batch,
+                                     overrides=args.overrides, log=lambda m: print(m, file=sys.stderr, flush=True)):
+                line = json.dumps(rec)
+                print(line, flush=True)
+                with out.open("a") as f:
+                    f.write(line + "\n")
+                records.append(rec)
+        return records
     for name in args.configs:
         rec = run_config(name, device=args.device, reps=args.reps, warmup=args.warmup, dataset=args.dataset,
                          image_size=image_size, batch=args.batch, overrides=args.overrides, precision=args.precision,

@@ -328,7 +328,7 @@ def export_onnx(checkpoint: str | Path, output: str | Path, image_size: tuple[in
     Returns the metadata written (dict of JSON-decoded values) plus ``path``.
     Raises :class:`ExportError` (missing extra, unknown family, bad sizes), ``CheckpointError``.
     """
-    onnx, _ = require_onnx()
+    require_onnx()
     checkpoint_family(checkpoint)
     from ..config import load_config
     from .inference import load_checkpoint
@@ -337,6 +337,21 @@ def export_onnx(checkpoint: str | Path, output: str | Path, image_size: tuple[in
     if overrides:
         cfg = load_config(cfg.to_dict(), overrides)
         model.cfg = cfg.model
+    return export_model(model, cfg, meta, output, image_size=image_size, dynamic=dynamic, max_dets=max_dets,
+                        binary_masks=binary_masks, opset=opset, batch_size=batch_size)
+
+
+def export_model(model: nn.Module, cfg, meta: dict, output: str | Path, image_size: tuple[int, int] | None = None,
+                 dynamic: bool = False, max_dets: int | None = None, binary_masks: bool = False,
+                 opset: int = DEFAULT_OPSET, batch_size: int = 1) -> dict:
+    """Export an in-memory network (``model.cfg`` thresholds) to ONNX: :func:`export_onnx` without the file.
+
+    ``cfg`` is its :class:`~boxmask.config.Config` (stored as the ``config`` metadata), ``meta`` has
+    ``class_names``, ``cat_ids`` (and optionally ``global_step``). Other
+    arguments, return value and errors as :func:`export_onnx`.
+    """
+    onnx, _ = require_onnx()
+    model = model.cpu().eval()
     if image_size is None:
         image_size = (cfg.data.test_min_size, cfg.data.test_min_size)
     h, w = (int(v) for v in image_size)
@@ -359,20 +374,21 @@ def export_onnx(checkpoint: str | Path, output: str | Path, image_size: tuple[in
         kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
         torch.onnx.export(wrapper, (example,), str(out), input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
                           dynamic_axes=dyn, opset_version=opset, do_constant_folding=True, **kwargs)
-    hp = read_hyper_parameters(checkpoint)
     metadata = {
         "boxmask_version": _version(), "family": cfg.model.arch, "method": cfg.supervision.type,
-        "class_names": meta["class_names"], "cat_ids": meta["cat_ids"],
+        "class_names": list(meta["class_names"]), "cat_ids": list(meta["cat_ids"]),
         "pixel_mean": [float(v) for v in model.pixel_mean.flatten()], "pixel_std": [float(v) for v in model.pixel_std.flatten()],
-        "mask_threshold": float(cfg.model.mask_threshold), "score_threshold": float(cfg.model.score_threshold),
+        "mask_threshold": float(model.cfg.mask_threshold), "score_threshold": float(model.cfg.score_threshold),
         "max_dets": k, "masks": "binary" if binary_masks else "probabilities",
         "size_divisibility": int(cfg.data.size_divisibility), "test_min_size": int(cfg.data.test_min_size),
         "test_max_size": int(cfg.data.test_max_size), "input_size": "dynamic" if dynamic else [h, w],
         "input": "images uint8 [B,3,H,W] RGB 0..255",
         "outputs": "boxes f32 [B,K,4] xyxy input px; scores f32 [B,K]; labels i64 [B,K] (-1 = padding); "
                    "masks [B,K,H,W] f32 probabilities or u8 0/1; num_dets i64 [B]",
-        "checkpoint_step": int(meta["global_step"]), "config": hp.get("config", cfg.to_dict()),
+        "checkpoint_step": int(meta.get("global_step", 0)),
     }
+    # the recipe as exported (overrides applied: --onnx eval/predict read the graph's thresholds from it)
+    metadata["config"] = cfg.to_dict()
     proto = onnx.load(str(out))
     del proto.metadata_props[:]
     for key, value in metadata.items():

@@ -1,0 +1,222 @@
+"""Golden values of every method, recorded before the method-seam redesign (issue 12) and kept after it.
+
+For one fixed batch of the bundled sample (its first two train images at 160-320 px) and fixed seeds, the
+training-mode loss dict of BoxInst, CondInst (full masks), mixed (masks for some instances, boxes for the
+others), BoxLevelSet on both networks (SOLOv2 and CondInst) and SIM (one step that fills its copy-paste
+bank, then one step that pastes from the full bank) must equal the stored values to 1e-6 relative; and the
+inference of both networks on two sample images must give the same detections (labels and binary masks
+exactly, boxes and scores to 1e-6 relative).
+
+Each model is built from its packaged sample recipe (``boxinst_…-sample`` / ``boxlevelset_…-sample``) with
+random initialisation (``model.backbone_weights=none``), so the test needs no weights and is quick.
+
+The stored values live in ``tests/golden/golden.json``. To regenerate them -- only when a change of the
+numbers is intended and explained in the commit -- run::
+
+    BOXMASK_REGEN_GOLDEN=1 python -m pytest tests/test_golden.py
+
+which rewrites the file and then *fails* on purpose (a regeneration never passes silently); review
+``git diff tests/golden`` and run the test again without the variable. A missing golden file is a
+failure, never a silent write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boxmask.config import load_config
+from boxmask.data.coco import CocoInstances
+from boxmask.data.collate import collate_batch
+from boxmask.data.sample import sample_paths
+from boxmask.data.transforms import build_test_transforms
+from boxmask.engine.module import BoxMaskModule, supervision_inputs
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "golden.json"
+REGEN_ENV = "BOXMASK_REGEN_GOLDEN"
+RTOL = 1e-6
+#: absolute floor for values that are exactly 0 (e.g. a loss that is zero by construction)
+ATOL = 1e-9
+
+BOXINST_RECIPE = "boxinst_effnet-lite0_fpn_dsb2018-sample"
+BOXLEVELSET_RECIPE = "boxlevelset_effnet-lite0_fpn_dsb2018-sample"
+#: small images, random init, CPU: everything else is the packaged recipe
+COMMON = ["data.min_sizes=[160]", "data.max_size=320", "data.test_min_size=160", "data.test_max_size=320",
+          "data.num_workers=0", "data.check_images=false", "model.backbone_weights=none",
+          "trainer.accelerator=cpu", "trainer.devices=1"]
+LEVELSET_ON_CONDINST = ["supervision.type=levelset", "model.level_set_channels=5", "supervision.projection_weight=3.0"]
+# SIM active from step 1; threshold 0 so that the randomly initialised teacher's masks fill the bank; a bank of
+# one entry that is full after one step, and a paste on every step once it is full
+SIM = ["supervision.type=sim", "supervision.sim_warmup_iters=1", "supervision.sim_inst_threshold=0.0",
+       "supervision.sim_bank_size=1", "supervision.sim_paste_prob=1.0"]
+
+#: method -> (recipe, overrides, whether the batch carries GT masks)
+METHODS = {
+    "boxinst": (BOXINST_RECIPE, [], False),
+    "condinst_full": (BOXINST_RECIPE, ["supervision.type=full"], True),
+    "mixed": (BOXINST_RECIPE, ["supervision.type=mixed"], True),
+    "boxlevelset_solov2": (BOXLEVELSET_RECIPE, [], False),
+    "boxlevelset_condinst": (BOXINST_RECIPE, LEVELSET_ON_CONDINST, False),
+    "sim": (BOXINST_RECIPE, SIM, False),
+}
+#: the global step of the recorded losses: inside the BoxInst pairwise warm-up (100 in the recipe), past SIM's
+STEP = 50
+#: inference: network -> (recipe, overrides); thresholds at 0 so that a randomly initialised network detects
+PREDICT = {
+    "condinst": (BOXINST_RECIPE, ["model.score_threshold=0.0", "model.max_detections=20"]),
+    "solov2": (BOXLEVELSET_RECIPE, ["model.score_threshold=0.0", "model.mask_threshold=0.3",
+                                    "model.matrix_nms_filter=0.0", "model.max_detections=20"]),
+}
+
+
+@contextlib.contextmanager
+def _deterministic(threads: int = 1):
+    """``threads`` CPU threads and deterministic algorithms (restored afterwards)."""
+    before, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det)
+        torch.set_num_threads(before)
+
+
+def _batch(split: str, load_masks: bool):
+    p = sample_paths()
+    ds = CocoInstances(p[f"{split}_json"], p["image_dir"], transforms=build_test_transforms(160, 320),
+                       load_masks=load_masks, check_images=False, verbose=False)
+    return collate_batch([ds[0], ds[1]])
+
+
+def _module(recipe: str, overrides: list[str]) -> BoxMaskModule:
+    cfg = load_config(recipe, COMMON + overrides)
+    torch.manual_seed(0)
+    return BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
+
+
+def _step_losses(module: BoxMaskModule, batch, step: int) -> dict[str, float]:
+    """One training step's loss dict, computed as ``BoxMaskModule.training_step`` does (no optimiser step)."""
+    torch.manual_seed(1000 + step)
+    inputs = module.supervision.prepare_inputs(supervision_inputs(batch, module.supervision.uses_gt_masks), step)
+    losses = module.model.training_losses(inputs.images, inputs, module.supervision, step)
+    return {k: float(v.detach()) for k, v in sorted(losses.items())}
+
+
+def compute_losses() -> dict[str, dict[str, float]]:
+    out = {}
+    for name, (recipe, overrides, with_masks) in METHODS.items():
+        module = _module(recipe, overrides)
+        module.train()
+        batch = _batch("train", load_masks=with_masks)
+        if name == "mixed":
+            # every other instance of each image keeps only its box
+            for t in batch.targets:
+                t["has_mask"][1::2] = False
+            assert any(t["has_mask"].any() for t in batch.targets)
+            assert any((~t["has_mask"]).any() for t in batch.targets)
+        if name == "sim":
+            assert len(module.supervision.bank) == 0
+            out["sim_fill_bank"] = _step_losses(module, batch, STEP)
+            assert module.supervision.bank.full, "the first step fills the one-entry bank"
+            out[name] = _step_losses(module, batch, STEP + 1)
+            assert out[name]["loss_paste"] > 0, "the second step pasted from the full bank"
+        else:
+            out[name] = _step_losses(module, batch, STEP)
+    return out
+
+
+def _mask_digest(mask: torch.Tensor) -> str:
+    m = np.ascontiguousarray(mask.cpu().numpy().astype(bool))
+    return hashlib.sha256(np.packbits(m).tobytes() + str(m.shape).encode()).hexdigest()[:16]
+
+
+def compute_detections(archs=tuple(PREDICT)) -> dict[str, list[dict]]:
+    batch = _batch("val", load_masks=False)
+    out = {}
+    for arch in archs:
+        recipe, overrides = PREDICT[arch]
+        module = _module(recipe, overrides)
+        model = module.model.eval()
+        assert model.cfg.arch == arch
+        with torch.no_grad():
+            preds = model.predict(batch.images, batch.image_sizes, batch.orig_sizes)
+        out[arch] = [{
+            "image_id": int(image_id),
+            "boxes": [[float(v) for v in b] for b in p.boxes.tolist()],
+            "scores": [float(s) for s in p.scores.tolist()],
+            "labels": [int(v) for v in p.labels.tolist()],
+            "mask_areas": [int(m.sum()) for m in p.masks],
+            "mask_sha256": [_mask_digest(m) for m in p.masks],
+        } for image_id, p in zip(batch.image_ids, preds)]
+    return out
+
+
+def compute_golden() -> dict:
+    return {"losses": compute_losses(), "detections": compute_detections()}
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL)
+
+
+def _regenerate_or_load() -> dict:
+    if os.environ.get(REGEN_ENV) == "1":
+        with _deterministic():
+            golden = compute_golden()
+        golden["_about"] = ("boxmask golden values (tests/test_golden.py); regenerate only for an intended change: "
+                            f"{REGEN_ENV}=1 python -m pytest tests/test_golden.py; recorded with torch "
+                            f"{torch.__version__}")
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        pytest.fail(f"{GOLDEN} regenerated ({REGEN_ENV}=1): review `git diff tests/golden` and rerun without "
+                    f"{REGEN_ENV}", pytrace=False)
+    if not GOLDEN.is_file():
+        pytest.fail(f"{GOLDEN} is missing; it is never written silently ({REGEN_ENV}=1 regenerates it)",
+                    pytrace=False)
+    return json.loads(GOLDEN.read_text())
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return _regenerate_or_load()
+
+
+@pytest.fixture(scope="module")
+def actual_losses():
+    # all methods in one go (the two SIM entries are consecutive steps of one module)
+    with _deterministic():
+        return compute_losses()
+
+
+@pytest.mark.parametrize("method", [*METHODS, "sim_fill_bank"])
+def test_golden_losses(golden, actual_losses, method):
+    expected, actual = golden["losses"][method], actual_losses[method]
+    assert sorted(actual) == sorted(expected), f"{method}: loss keys changed"
+    bad = {k: (actual[k], expected[k]) for k in expected if not _close(actual[k], expected[k])}
+    assert not bad, f"{method}: losses differ from the golden values (actual, golden): {bad}"
+    assert all(math.isfinite(v) for v in actual.values())
+
+
+@pytest.mark.parametrize("arch", list(PREDICT))
+def test_golden_detections(golden, arch):
+    with _deterministic():
+        actual = compute_detections([arch])[arch]
+    expected = golden["detections"][arch]
+    assert len(actual) == len(expected) == 2
+    for a, e in zip(actual, expected):
+        assert a["image_id"] == e["image_id"]
+        assert len(e["labels"]) > 0, "the golden file holds real detections"
+        assert a["labels"] == e["labels"] and a["mask_areas"] == e["mask_areas"]
+        assert a["mask_sha256"] == e["mask_sha256"], f"{arch} image {a['image_id']}: binary masks changed"
+        assert all(_close(x, y) for x, y in zip(a["scores"], e["scores"])), (a["scores"], e["scores"])
+        for ba, be in zip(a["boxes"], e["boxes"]):
+            assert all(math.isclose(x, y, rel_tol=RTOL, abs_tol=1e-4) for x, y in zip(ba, be)), (ba, be)

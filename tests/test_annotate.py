@@ -17,12 +17,11 @@ from boxmask.data.sample import sample_paths
 from boxmask.data.transforms import build_test_transforms
 from boxmask.engine.annotate import AnnotateError, annotate_dataset, box_pixels, sidecar_path
 from boxmask.engine.inference import load_checkpoint
-from boxmask.engine.train import train
 from boxmask.modeling.box_conditioned import box_conditioned_masks, masks_for_boxes, projection_fit
 from boxmask.modeling.condinst import CondInst, postprocess
 from boxmask.modeling.fcos import Detections, compute_locations
 
-from test_training import tiny_cfg
+from helpers import tiny_cfg
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,15 +172,12 @@ def test_masks_for_boxes_batch_with_an_image_without_boxes(monkeypatch, tmp_path
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("annotate_train")
-    summary = train(tiny_cfg(out, "solver.max_iters=2"))
-    model, cfg, meta = load_checkpoint(summary["checkpoint"])
+def trained(boxinst_checkpoint):
+    model, cfg, meta = load_checkpoint(boxinst_checkpoint)
     # the 2-step model's mask probabilities sit around 0.4-0.6: a lower threshold gives a mix of
     # model masks and empty masks (box fallback), so both paths are exercised
     cfg.model.mask_threshold = 0.45
-    return summary["checkpoint"], model, cfg, meta
+    return boxinst_checkpoint, model, cfg, meta
 
 
 def _inside_box_rounded(mask, bbox):

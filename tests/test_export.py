@@ -23,7 +23,7 @@ from boxmask.modeling.condinst import aligned_bilinear, build_model
 from boxmask.modeling.fcos import flatten_levels
 from boxmask.modeling.solov2 import point_nms
 
-from test_training import TINY
+from helpers import TINY
 
 SOLO = ["model.arch=solov2", "model.solo_head_channels=32", "model.mask_channels=16", "model.level_set_channels=0"]
 #: the two input sizes the one dynamic model is run at (H, W); neither a multiple of 32

@@ -240,9 +240,9 @@ def test_build_supervision_types():
 # ---------------------------------------------------------------- integration with the model
 
 
-def test_full_supervision_reads_the_real_masks(tmp_path):
+def test_full_supervision_reads_the_real_masks(tmp_path, garbage_masks):
     """The opposite of the box-supervised guarantee: garbage masks change loss_mask (and nothing else)."""
-    from test_training import _sample_batch, tiny_cfg, with_garbage_masks
+    from helpers import sample_batch, tiny_cfg
 
     from boxmask.engine.module import BoxMaskModule, supervision_inputs
 
@@ -251,8 +251,8 @@ def test_full_supervision_reads_the_real_masks(tmp_path):
     module = BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
     assert isinstance(module.supervision, FullMaskSupervision)
     module.model.eval()  # fixed BN statistics so two forward passes are comparable
-    batch = _sample_batch(load_masks=True)
-    garbage = with_garbage_masks(batch)
+    batch = sample_batch(load_masks=True)
+    garbage = garbage_masks(batch)
     losses = []
     with torch.no_grad():
         for b in (batch, garbage):

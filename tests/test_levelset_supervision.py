@@ -10,7 +10,7 @@ from boxmask.engine.module import BoxMaskModule
 from boxmask.engine.train import train
 from boxmask.supervision import build_supervision
 from boxmask.supervision.levelset import LevelSetSupervision
-from test_training import losses_real_and_garbage_masks, tiny_cfg
+from helpers import losses_real_and_garbage_masks, tiny_cfg
 
 LEVELSET = ["supervision.type=levelset", "model.level_set_channels=5", "supervision.projection_weight=3.0"]
 

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from boxmask.engine.module import BoxMaskModule, supervision_inputs
+from boxmask.supervision.boxinst import instance_box_masks
 from boxmask.supervision.copy_paste import PasteEntry
 from boxmask.supervision.sim import feature_similarity, pseudo_mask_loss
-from test_sim_training import ALL_BOX_PIXELS, SIM
-from test_training import _sample_batch, tiny_cfg
-
-torch.set_num_threads(1)
+from helpers import ALL_BOX_PIXELS, SIM, check_annotate_one_sample_image, sample_batch, tiny_cfg
 
 PASTE = [*SIM, "supervision.sim_bank_size=1", "supervision.sim_paste_prob=1.0"]
 
@@ -45,7 +43,7 @@ def _spy(module):
 def test_prepare_inputs_pastes_from_a_full_bank(tmp_path):
     module = _module(tmp_path)
     sup = module.supervision
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     inputs = supervision_inputs(batch, False)
     hw = tuple(batch.images.shape[-2:])
     # no-ops: before the warm-up, with a bank that is not full, with paste probability 0
@@ -85,7 +83,7 @@ def test_prepare_inputs_pastes_from_a_full_bank(tmp_path):
 def test_paste_loss_on_pasted_positives(tmp_path):
     module = _module(tmp_path)
     module.model.eval()
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     hw = tuple(batch.images.shape[-2:])
     module.supervision.bank.push(_entry(hw))
     captured = _spy(module)
@@ -114,18 +112,72 @@ def test_paste_loss_on_pasted_positives(tmp_path):
     assert all(p.grad is None for p in module.teacher.parameters())
 
 
+def _spy_box_masks(module):
+    """Records the instances and the ``box_masks`` SIM hands to its BoxInst projection + pairwise losses."""
+    captured = {}
+    boxinst = module.supervision.boxinst
+    losses = boxinst.losses
+
+    def spy(instances, inputs, step, **kwargs):
+        captured["instances"], captured["inputs"], captured["box_masks"] = instances, inputs, kwargs.get("box_masks")
+        return losses(instances, inputs, step, **kwargs)
+
+    boxinst.losses = spy
+    return captured
+
+
+def _l_shaped_entry(hw: tuple[int, int]) -> PasteEntry:
+    """Like :func:`_entry` but the object is an L: its top-right 15×20 px quadrant is cut out, so its paste
+    mask differs from its (tight) box mask."""
+    entry = _entry(hw)
+    masks = entry.masks.clone()
+    masks[0, 10:25, 40:60] = False
+    return PasteEntry(entry.image, masks, entry.labels, entry.scores)
+
+
 def test_paste_loss_zero_without_pastes_and_box_masks_replaced(tmp_path):
+    # no paste (probability 0, full bank): loss_paste is a zero connected to the graph, BoxInst gets the plain
+    # box masks of the positives
     module = _module(tmp_path, "supervision.sim_paste_prob=0.0")
     module.model.eval()
-    batch = _sample_batch(load_masks=False)
-    losses = module.model.training_losses(batch.images, supervision_inputs(batch, False), module.supervision, 5)
+    batch = sample_batch(load_masks=False)
+    hw = tuple(batch.images.shape[-2:])
+    module.supervision.bank.push(_l_shaped_entry(hw))
+    assert module.supervision.bank.full
+    seen = _spy_box_masks(module)
+    inputs = module.supervision.prepare_inputs(supervision_inputs(batch, False), 5)
+    assert inputs.pasted is None
+    losses = module.model.training_losses(inputs.images, inputs, module.supervision, 5)
     assert losses["loss_paste"].item() == 0 and losses["loss_paste"].requires_grad
+    assert torch.equal(seen["box_masks"], instance_box_masks(seen["instances"], inputs))
+
+    # a paste from the full bank (probability 1): the positives of the pasted object get its paste mask (point-
+    # sampled at the mask stride) in place of its box mask; every other positive keeps its box mask
+    module = _module(tmp_path)
+    module.model.eval()
+    module.supervision.bank.push(_l_shaped_entry(hw))
+    seen = _spy_box_masks(module)
+    inputs = module.supervision.prepare_inputs(supervision_inputs(batch, False), 5)
+    assert inputs.pasted is not None and all(bool(p.any()) for p in inputs.pasted)
+    losses = module.model.training_losses(inputs.images, inputs, module.supervision, 5)
+    inst, box_masks = seen["instances"], seen["box_masks"]
+    plain = instance_box_masks(inst, inputs)
+    pasted = [bool(inputs.pasted[int(inst.im_inds[k])][int(inst.gt_inds[k])]) for k in range(len(inst))]
+    assert any(pasted) and not all(pasted), "positives of both the pasted object and the original nuclei"
+    for k, is_pasted in enumerate(pasted):
+        if is_pasted:
+            paste = inputs.paste_masks[int(inst.im_inds[k])][int(inst.gt_inds[k])][2::4, 2::4].float()
+            assert torch.equal(box_masks[k], paste), f"positive {k}: its paste mask replaced its box mask"
+            assert not torch.equal(box_masks[k], plain[k]), "the L-shaped paste mask is not its box"
+        else:
+            assert torch.equal(box_masks[k], plain[k]), f"positive {k}: not pasted, keeps its box mask"
+    assert losses["loss_paste"].item() > 0
 
 
 def test_bank_fill_from_teacher_instance_maps(tmp_path):
     module = _module(tmp_path, ALL_BOX_PIXELS, "supervision.sim_bank_size=4", "supervision.sim_bank_max_instances=3")
     module.model.eval()
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     captured = _spy(module)
     inputs = supervision_inputs(batch, False)
     module.model.training_losses(batch.images, inputs, module.supervision, 0)
@@ -184,7 +236,7 @@ def test_feature_similarity_hand_case():
 
 def test_feature_aware_pairwise_option(tmp_path):
     """sim_pairwise_features gates the pairwise edges by S_feat * S_LAB: fewer edges, a different loss."""
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     out = {}
     for flag in (False, True):
         module = _module(tmp_path, f"supervision.sim_pairwise_features={str(flag).lower()}",
@@ -195,23 +247,17 @@ def test_feature_aware_pairwise_option(tmp_path):
     assert out[True]["loss_pairwise"].item() != pytest.approx(out[False]["loss_pairwise"].item(), rel=1e-3)
 
 
-def test_cli_train_eval_predict_annotate_with_sim(tmp_path, capsys):
-    """SIM (copy-paste active) through the same CLI; the checkpoint loads as the plain CondInst student,
-    the same network as BoxInst's, so inference costs the same."""
+def test_cli_train_eval_predict_annotate_with_sim(sim_run, tmp_path, capsys):
+    """SIM (copy-paste active) through the same CLI (``boxmask train`` of the session's ``sim_run``); the
+    checkpoint loads as the plain CondInst student, the same network as BoxInst's, so inference costs the same."""
     import json
 
     from boxmask.cli import main
     from boxmask.data.sample import sample_paths
     from boxmask.engine.inference import load_checkpoint
     from boxmask.modeling.condinst import build_model
-    from test_training import TINY, check_annotate_one_sample_image
 
-    out = tmp_path / "train"
-    rc = main(["train", "boxinst_effnet-lite0_fpn_dsb2018-sample", *TINY, *PASTE, ALL_BOX_PIXELS,
-               "supervision.sim_bank_size=2", f"trainer.output_dir={out}", "solver.max_iters=3",
-               "model.score_threshold=0.0"])
-    assert rc == 0
-    ckpt = out / "checkpoints" / "model_final.ckpt"
+    ckpt = sim_run["checkpoint"]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert len(state["supervision._extra_state"]["bank"]["entries"]) == 2
     model, cfg, _ = load_checkpoint(ckpt)

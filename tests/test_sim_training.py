@@ -20,14 +20,8 @@ from boxmask.engine.train import train
 from boxmask.modeling.condinst import CondInst
 from boxmask.supervision import build_supervision
 from boxmask.supervision.sim_supervision import SIMSupervision
-from test_training import _sample_batch, tiny_cfg, with_garbage_masks
+from helpers import ALL_BOX_PIXELS, SIM, SIM_RUN, sample_batch, tiny_cfg
 
-torch.set_num_threads(1)
-
-SIM = ["supervision.type=sim", "supervision.sim_warmup_iters=1"]
-# a randomly initialised teacher predicts M_I ~ 0.5, never above the paper's 0.7: with threshold 0 every
-# in-box pixel is in M_bin, so the prototypes really move in these short runs
-ALL_BOX_PIXELS = "supervision.sim_inst_threshold=0.0"
 
 
 def _module(tmp_path, *extra) -> BoxMaskModule:
@@ -88,7 +82,7 @@ def test_teacher_reruns_the_students_positives(tmp_path):
     """A fresh teacher (= student copy) at the same positives reproduces the student's masks exactly."""
     module = _module(tmp_path)
     module.model.eval()  # same BN statistics as the (always eval) teacher
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     captured = {}
     losses = module.supervision.losses
 
@@ -132,7 +126,7 @@ def test_ema_teacher_after_one_optimizer_step(tmp_path):
         g = torch.Generator().manual_seed(3)
         for p in module.teacher.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=g))
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     snaps = _Snapshots()
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[snaps],
@@ -156,12 +150,12 @@ def test_ema_teacher_after_one_optimizer_step(tmp_path):
     assert not module.teacher.training
 
 
-def test_sim_losses_ignore_gt_masks(tmp_path):
+def test_sim_losses_ignore_gt_masks(tmp_path, garbage_masks):
     module = _module(tmp_path, ALL_BOX_PIXELS)
     module.model.eval()  # fixed BN statistics so two forward passes are comparable
-    batch = _sample_batch(load_masks=True)
+    batch = sample_batch(load_masks=True)
     assert batch.targets[0]["masks"].any(), "the real masks were loaded"
-    garbage = with_garbage_masks(batch, flip_has_mask=True)
+    garbage = garbage_masks(batch, flip_has_mask=True)
     protos = module.supervision.prototypes.clone()
     results = []
     for b in (batch, garbage):
@@ -177,7 +171,7 @@ def test_sim_losses_ignore_gt_masks(tmp_path):
 def test_loss_pseudo_zero_before_warmup_positive_after(tmp_path):
     module = _module(tmp_path, "supervision.sim_warmup_iters=2")
     module.model.eval()
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     before = _losses(module, batch, 1)
     after = _losses(module, batch, 2)
     assert before.keys() == after.keys() and "loss_pseudo" in before
@@ -194,7 +188,7 @@ def test_loss_pseudo_zero_before_warmup_positive_after(tmp_path):
 
 def test_loss_pseudo_gradients_reach_student_not_teacher(tmp_path):
     module = _module(tmp_path)
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     loss = _losses(module, batch, 1)["loss_pseudo"]
     assert loss.item() > 0
     module.model.zero_grad()
@@ -208,7 +202,7 @@ def test_loss_pseudo_gradients_reach_student_not_teacher(tmp_path):
 
 def test_prototypes_move_and_stay_unit_norm(tmp_path):
     module = _module(tmp_path, ALL_BOX_PIXELS)
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     init = module.supervision.prototypes.clone()
     history = [init]
     for step in range(3):
@@ -249,11 +243,6 @@ def test_prototypes_all_reduce_average_under_ddp(tmp_path):
 
 # --------------------------------------------------------------------------- training driver / checkpoints
 
-# a 2-entry bank is full after step 1 (batch of 2); pasting on every later step
-RUN = [*SIM, ALL_BOX_PIXELS, "supervision.sim_teacher_momentum=0.5", "supervision.sim_bank_size=2",
-       "supervision.sim_paste_prob=1.0"]
-
-
 def _assert_same_state(a, b, key: str = "") -> None:
     """Recursive equality of state-dict values (tensors within tolerance; the bank is nested dicts/lists)."""
     if isinstance(a, dict):
@@ -271,26 +260,18 @@ def _assert_same_state(a, b, key: str = "") -> None:
         assert a == b, key
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """An uninterrupted 4-step SIM run (shared by the resume and checkpoint-loading tests)."""
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("sim_straight")
-    return train(tiny_cfg(out, *RUN, "solver.max_iters=4"))
-
-
 def _state(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_sim_resume_continues_exactly(tmp_path, straight_run):
+def test_sim_resume_continues_exactly(tmp_path, sim_run):
     torch.set_num_threads(1)
-    first = train(tiny_cfg(tmp_path, *RUN, "solver.max_iters=2"))
+    first = train(tiny_cfg(tmp_path, *SIM_RUN, "solver.max_iters=2"))
     assert first["global_step"] == 2
     at2 = _state(first["checkpoint"])["state_dict"]
-    resumed = train(tiny_cfg(tmp_path, *RUN, "solver.max_iters=4"), resume="last")
-    assert straight_run["global_step"] == resumed["global_step"] == 4
-    pa = _state(straight_run["checkpoint"])["state_dict"]
+    resumed = train(tiny_cfg(tmp_path, *SIM_RUN, "solver.max_iters=4"), resume="last")
+    assert sim_run["global_step"] == resumed["global_step"] == 4
+    pa = _state(sim_run["checkpoint"])["state_dict"]
     pb = _state(resumed["checkpoint"])["state_dict"]
     assert pa.keys() == pb.keys()
     assert "supervision.prototypes" in pa and any(k.startswith("teacher.") for k in pa)
@@ -302,7 +283,7 @@ def test_sim_resume_continues_exactly(tmp_path, straight_run):
     assert all(e["masks"].shape[0] >= 1 for e in bank4["entries"])
     assert not torch.equal(bank2["entries"][0]["image"], bank4["entries"][0]["image"])
     # and the resumed steps 2-3 really pasted (paste loss logged > 0), like the straight run
-    for run in (straight_run, resumed):
+    for run in (sim_run, resumed):
         paste = {int(r["step"]): float(r["loss_paste"])
                  for log in Path(run["checkpoint"]).parents[1].glob("logs/csv/version_*/metrics.csv")
                  for r in csv.DictReader(log.open()) if r.get("loss_paste")}
@@ -315,9 +296,9 @@ def test_sim_resume_continues_exactly(tmp_path, straight_run):
     assert not torch.allclose(pb[name], pb["teacher." + name[len("model."):]])
 
 
-def test_load_checkpoint_builds_only_the_student(straight_run):
+def test_load_checkpoint_builds_only_the_student(sim_run):
     torch.set_num_threads(1)
-    path = straight_run["checkpoint"]
+    path = sim_run["checkpoint"]
     ckpt = _state(path)
     model, cfg, meta = load_checkpoint(path, "cpu")
     assert isinstance(model, CondInst) and cfg.supervision.type == "sim" and meta["global_step"] == 4
@@ -328,7 +309,7 @@ def test_load_checkpoint_builds_only_the_student(straight_run):
     module = BoxMaskModule(ckpt["hyper_parameters"]["config"], ["nucleus"], [1])
     module.load_state_dict(ckpt["state_dict"])
     module.eval()
-    batch = _sample_batch(load_masks=False)
+    batch = sample_batch(load_masks=False)
     with torch.no_grad():
         ours = model._forward_features(batch.images)
         student = module.model._forward_features(batch.images)

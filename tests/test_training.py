@@ -1,7 +1,6 @@
 """End-to-end training behaviour: box supervision never reads masks, exact resume, CPU DDP,
 and a real-data run whose mask AP beats its own box-filled detections."""
 
-import copy
 import json
 import os
 import subprocess
@@ -12,67 +11,20 @@ import pytest
 import torch
 
 from boxmask.config import load_config
-from boxmask.data.coco import CocoInstances
-from boxmask.data.collate import collate_batch
-from boxmask.data.sample import sample_paths
-from boxmask.data.transforms import build_test_transforms
 from boxmask.engine.module import BoxMaskModule, supervision_inputs
 from boxmask.engine.train import train
 
-TINY = [
-    "data.min_sizes=[160]", "data.max_size=320", "data.test_min_size=160", "data.test_max_size=320",
-    "data.num_workers=0", "data.check_images=false",
-    "model.backbone_weights=none", "model.fpn_channels=32", "model.head_convs=1",
-    "model.mask_branch_channels=16", "model.mask_branch_convs=1",
-    "solver.warmup_iters=2", "solver.steps=[3]", "supervision.pairwise_warmup_iters=3",
-    "trainer.progress_bar=false", "trainer.eval_after_train=false", "trainer.accelerator=cpu", "trainer.devices=1",
-    "trainer.checkpoint_every=2", "trainer.log_every=1",
-]
+from helpers import TINY, sample_batch, tiny_cfg
 
 
-def tiny_cfg(tmp_path, *extra):
-    return load_config("boxinst_effnet-lite0_fpn_dsb2018-sample", TINY + [f"trainer.output_dir={tmp_path}", *extra])
-
-
-def _sample_batch(load_masks: bool):
-    p = sample_paths()
-    ds = CocoInstances(p["train_json"], p["image_dir"], transforms=build_test_transforms(160, 320), load_masks=load_masks,
-                       check_images=False, verbose=False)
-    return collate_batch([ds[0], ds[1]])
-
-
-def with_garbage_masks(batch, flip_has_mask: bool = False):
-    """A deep copy of ``batch`` whose GT masks are random noise (and ``has_mask`` flipped if asked)."""
-    garbage = copy.deepcopy(batch)
-    g = torch.Generator().manual_seed(1)
-    for t in garbage.targets:
-        t["masks"] = torch.rand(t["masks"].shape, generator=g) > 0.5
-        if flip_has_mask:
-            t["has_mask"] = ~t["has_mask"]
-    return garbage
-
-
-def losses_real_and_garbage_masks(module, step: int = 5) -> list[dict]:
-    """Training losses of ``module`` (put in eval mode: fixed BN statistics) on the sample batch with its
-    real GT masks and with garbage masks; asserts the supervision was handed no masks at all."""
-    module.model.eval()
-    batch = _sample_batch(load_masks=True)
-    results = []
-    for b in (batch, with_garbage_masks(batch)):
-        inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
-        assert inputs.masks is None
-        results.append(module.model.training_losses(b.images, inputs, module.supervision, step))
-    return results
-
-
-def test_box_supervision_never_reads_gt_masks(tmp_path):
+def test_box_supervision_never_reads_gt_masks(tmp_path, garbage_masks):
     cfg = tiny_cfg(tmp_path)
     torch.manual_seed(0)
     module = BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
     module.model.eval()  # fixed BN statistics so two forward passes are comparable
-    batch = _sample_batch(load_masks=True)
+    batch = sample_batch(load_masks=True)
     assert batch.targets[0]["masks"].any(), "the real masks were loaded"
-    garbage = with_garbage_masks(batch, flip_has_mask=True)
+    garbage = garbage_masks(batch, flip_has_mask=True)
     losses = []
     for b in (batch, garbage):
         inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
@@ -142,22 +94,3 @@ def test_real_data_training_mask_ap_beats_boxfill(tmp_path):
     print(f"mask AP {segm:.1f}, box-filled mask AP {boxfill:.1f}, box AP {bbox:.1f}")
     assert bbox > 10.0, "the detector did not learn"
     assert segm > boxfill + 3.0
-
-
-def check_annotate_one_sample_image(main, ckpt, tmp_path) -> None:
-    """``boxmask annotate`` on the first val image of the bundled sample with its boxes only (no
-    segmentation): every box gets a mask."""
-    import json
-
-    ann = tmp_path / "boxes.json"
-    data = json.loads(sample_paths()["val_json"].read_text())
-    first = data["images"][0]["id"]
-    data["images"] = data["images"][:1]
-    data["annotations"] = [{k: v for k, v in a.items() if k != "segmentation"} for a in data["annotations"]
-                           if a["image_id"] == first]
-    ann.write_text(json.dumps(data))
-    masks_json = tmp_path / "masks.json"
-    assert main(["annotate", str(ckpt), "--ann-file", str(ann), "--images", str(sample_paths()["image_dir"]),
-                 "-o", str(masks_json), "--device", "cpu", "--no-resume"]) == 0
-    written = json.loads(masks_json.read_text())["annotations"]
-    assert len(written) == len(data["annotations"]) and all("segmentation" in a for a in written)

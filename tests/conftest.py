@@ -1,0 +1,69 @@
+"""Shared fixtures: small trained checkpoints built once per session and shared by the CLI, annotate and SIM
+tests. Plain helpers and constants (``TINY``, ``tiny_cfg``, the garbage-mask helper, ...) are in
+``helpers.py``; no test module imports another test module."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from helpers import SIM_RUN, TINY, with_garbage_masks
+
+# The suite runs on one CPU thread: tiny models are faster that way on the 2-core CI machine and the
+# exact-resume/equality tests rely on it. (This used to be a side effect of importing test_sim_training.)
+torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def garbage_masks():
+    """The garbage-mask helper: ``garbage_masks(batch, flip_has_mask=False)`` is a deep copy of ``batch``
+    whose GT masks are random noise."""
+    return with_garbage_masks
+
+
+@pytest.fixture(scope="session")
+def boxinst_checkpoint(tmp_path_factory):
+    """A 2-step BoxInst (CondInst network) checkpoint of the tiny sample recipe, trained through
+    ``boxmask train``; shared by the CLI and annotate tests (read-only: copy it before changing it)."""
+    from boxmask.cli import main
+
+    out = tmp_path_factory.mktemp("boxinst_run")
+    with _threads(1):
+        rc = main(["train", "boxinst_effnet-lite0_fpn_dsb2018-sample", *TINY, f"trainer.output_dir={out}",
+                   "solver.max_iters=2"])
+    assert rc == 0
+    ckpt = out / "checkpoints" / "model_final.ckpt"
+    assert ckpt.is_file() and (out / "config.yaml").is_file() and any((out / "logs" / "csv").glob("version_*/metrics.csv"))
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 2
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def sim_run(tmp_path_factory):
+    """The summary of an uninterrupted 4-step SIM run (``helpers.SIM_RUN``: copy-paste from a 2-entry bank on
+    every step after the first; ``model.score_threshold=0`` so that the barely trained student detects), trained
+    through ``boxmask train``; shared by the SIM resume, checkpoint
+    loading and CLI tests (read-only)."""
+    from boxmask.cli import main
+
+    out = tmp_path_factory.mktemp("sim_run")
+    with _threads(1):
+        rc = main(["train", "boxinst_effnet-lite0_fpn_dsb2018-sample", *TINY, *SIM_RUN, f"trainer.output_dir={out}",
+                   "solver.max_iters=4", "model.score_threshold=0.0"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 4
+    return summary

@@ -7,6 +7,13 @@ bank, then one step that pastes from the full bank) must equal the stored values
 inference of both networks on two sample images must give the same detections (labels and binary masks
 exactly, boxes and scores to 1e-6 relative).
 
+Determinism: the test runs on one CPU thread with ``torch.use_deterministic_algorithms(True)``. With two
+threads the losses differ by up to ~2e-5 relative and some mask pixels flip, so the thread count is part
+of the recipe. The binary masks of the randomly initialised networks sit close to their threshold: a 1e-6
+relative perturbation of the weights flips 1-3 pixels in about a third of them, so "identical masks" holds
+for a redesign that keeps the inference arithmetic (same ops, same order); the failure message counts the
+differing pixels to tell such a rounding change from a real regression.
+
 Each model is built from its packaged sample recipe (``boxinst_…-sample`` / ``boxlevelset_…-sample``) with
 random initialisation (``model.backbone_weights=none``), so the test needs no weights and is quick.
 
@@ -23,7 +30,6 @@ failure, never a silent write.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -32,12 +38,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
 from boxmask.config import load_config
 from boxmask.data.coco import CocoInstances
 from boxmask.data.collate import collate_batch
 from boxmask.data.sample import sample_paths
 from boxmask.data.transforms import build_test_transforms
+from boxmask.engine.evaluator import masks_to_rle
 from boxmask.engine.module import BoxMaskModule, supervision_inputs
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "golden.json"
@@ -134,9 +142,12 @@ def compute_losses() -> dict[str, dict[str, float]]:
     return out
 
 
-def _mask_digest(mask: torch.Tensor) -> str:
-    m = np.ascontiguousarray(mask.cpu().numpy().astype(bool))
-    return hashlib.sha256(np.packbits(m).tobytes() + str(m.shape).encode()).hexdigest()[:16]
+def _decode(size: list[int], counts: list[str]) -> np.ndarray:
+    """bool ``[N, H, W]`` from the stored compressed-RLE counts."""
+    if not counts:
+        return np.zeros((0, *size), dtype=bool)
+    rles = [{"size": list(size), "counts": c.encode()} for c in counts]
+    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
 
 
 def compute_detections(archs=tuple(PREDICT)) -> dict[str, list[dict]]:
@@ -154,8 +165,9 @@ def compute_detections(archs=tuple(PREDICT)) -> dict[str, list[dict]]:
             "boxes": [[float(v) for v in b] for b in p.boxes.tolist()],
             "scores": [float(s) for s in p.scores.tolist()],
             "labels": [int(v) for v in p.labels.tolist()],
+            "mask_size": list(p.masks.shape[-2:]),
             "mask_areas": [int(m.sum()) for m in p.masks],
-            "mask_sha256": [_mask_digest(m) for m in p.masks],
+            "mask_rle": [r["counts"] for r in masks_to_rle(p.masks)],
         } for image_id, p in zip(batch.image_ids, preds)]
     return out
 
@@ -215,8 +227,14 @@ def test_golden_detections(golden, arch):
     for a, e in zip(actual, expected):
         assert a["image_id"] == e["image_id"]
         assert len(e["labels"]) > 0, "the golden file holds real detections"
-        assert a["labels"] == e["labels"] and a["mask_areas"] == e["mask_areas"]
-        assert a["mask_sha256"] == e["mask_sha256"], f"{arch} image {a['image_id']}: binary masks changed"
+        assert a["labels"] == e["labels"]
+        # binary masks identical; the message counts the differing pixels of each mask (a few pixels at the
+        # threshold after a float-rounding change look different from a real regression)
+        got, want = _decode(a["mask_size"], a["mask_rle"]), _decode(e["mask_size"], e["mask_rle"])
+        assert got.shape == want.shape, (got.shape, want.shape)
+        diff = [int(d) for d in (got != want).reshape(len(got), -1).sum(1)]
+        assert not any(diff), (f"{arch} image {a['image_id']}: binary masks changed; differing pixels per mask "
+                               f"{diff} of areas {e['mask_areas']}")
         assert all(_close(x, y) for x, y in zip(a["scores"], e["scores"])), (a["scores"], e["scores"])
         for ba, be in zip(a["boxes"], e["boxes"]):
             assert all(math.isclose(x, y, rel_tol=RTOL, abs_tol=1e-4) for x, y in zip(ba, be)), (ba, be)

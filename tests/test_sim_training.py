@@ -23,7 +23,6 @@ from boxmask.supervision.sim_supervision import SIMSupervision
 from helpers import ALL_BOX_PIXELS, SIM, SIM_RUN, sample_batch, tiny_cfg
 
 
-
 def _module(tmp_path, *extra) -> BoxMaskModule:
     torch.manual_seed(0)
     return BoxMaskModule(tiny_cfg(tmp_path, *SIM, *extra).to_dict(), ["nucleus"], [1])

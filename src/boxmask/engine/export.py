@@ -180,8 +180,10 @@ class CondInstExport(nn.Module):
         im_inds = torch.arange(b, device=images.device)[:, None].expand(-1, k).reshape(-1)
         logits = m.mask_head(mask_feats, det_params.reshape(b * k, -1), im_inds, det_locs.reshape(b * k, 2),
                              det_levels.reshape(-1)).float()
-        probs = aligned_bilinear(logits.sigmoid(), m.mask_head.out_stride)[:, 0, :h, :w]
-        probs = probs.reshape(b, k, probs.shape[-2], probs.shape[-1]) * is_det[..., None, None]
+        # zeroing padding rows before the (linear) upsampling is exact and 16x cheaper than after it
+        small = logits.sigmoid() * is_det.reshape(b * k, 1, 1, 1).to(logits.dtype)
+        probs = aligned_bilinear(small, m.mask_head.out_stride)[:, 0, :h, :w]
+        probs = probs.reshape(b, k, probs.shape[-2], probs.shape[-1])
         masks = (probs > cfg.mask_threshold).to(torch.uint8) if self.binary else probs
         return det_boxes, top.clamp(min=0), det_labels, masks, num_dets
 
@@ -522,7 +524,9 @@ class OnnxModel:
             if n == 0:
                 masks = torch.zeros(0, oh, ow, dtype=torch.bool)
             else:
-                masks = F.interpolate(probs[:, None], size=(oh, ow), mode="bilinear", align_corners=False)[:, 0] > thr
+                if (oh, ow) != (h, w):  # (a same-size bilinear resize is the identity)
+                    probs = F.interpolate(probs[:, None], size=(oh, ow), mode="bilinear", align_corners=False)[:, 0]
+                masks = probs > thr
             if self.metadata["family"] == "solov2":
                 boxes = _tight_boxes(masks)
             else:

@@ -886,27 +886,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
+
+    def emit(rec: dict) -> None:
+        line = json.dumps(rec)
+        print(line, flush=True)
+        with out.open("a") as f:
+            f.write(line + "\n")
+        records.append(rec)
+
     if args.inference:
         for name in args.configs:
             for rec in run_inference(name, threads=args.threads or 2, reps=args.reps, warmup=args.warmup,
                                      dataset=args.dataset, image_size=image_size, batch=args.batch,
                                      overrides=args.overrides, log=lambda m: print(m, file=sys.stderr, flush=True)):
-                line = json.dumps(rec)
-                print(line, flush=True)
-                with out.open("a") as f:
-                    f.write(line + "\n")
-                records.append(rec)
+                emit(rec)
         return records
     for name in args.configs:
         rec = run_config(name, device=args.device, reps=args.reps, warmup=args.warmup, dataset=args.dataset,
                          image_size=image_size, batch=args.batch, overrides=args.overrides, precision=args.precision,
                          log=lambda m: print(m, file=sys.stderr, flush=True), levelset=args.levelset,
                          sim=args.sim)
-        line = json.dumps(rec)
-        print(line, flush=True)
-        with out.open("a") as f:
-            f.write(line + "\n")
-        records.append(rec)
+        emit(rec)
     return records
 
 

@@ -148,3 +148,29 @@ def test_step_sampler_is_a_function_of_the_step():
     r0 = list(StepBatchSampler(8, 2, 2, seed=0, rank=0, world_size=2))
     r1 = list(StepBatchSampler(8, 2, 2, seed=0, rank=1, world_size=2))
     assert not set(i for i, _ in r0[0]) & set(i for i, _ in r1[0])
+
+
+def test_controller_at_equals_the_dense_controller_at_those_locations():
+    """``FCOSHead.controller_at`` (the export's sparse controller) equals the dense 3x3 controller output gathered
+    at the same (level, location), including border locations where the convolution reads zero padding."""
+    from boxmask.modeling.fcos import FCOSHead
+
+    torch.manual_seed(0)
+    head = FCOSHead(16, 3, num_convs=1, num_params=7, num_levels=3)
+    torch.nn.init.normal_(head.controller.weight)  # not the tiny 0.01 init: make errors visible
+    torch.nn.init.normal_(head.controller.bias)
+    feats = [torch.randn(2, 16, h, w) for h, w in ((8, 6), (4, 3), (2, 2))]
+    _, _, _, dense = head(feats)
+    _, _, _, box_feats = head(feats, dense_params=False)
+    assert [f.shape for f in box_feats] == [f.shape for f in feats]
+    levels = torch.tensor([[0, 0, 0, 1, 2, 1], [2, 0, 1, 0, 2, 1]])
+    loc_idx = torch.tensor([[0, 47, 13, 11, 3, 0], [1, 5, 6, 42, 0, 7]])  # corners, borders and interior
+    got = head.controller_at(box_feats, levels, loc_idx)
+    assert got.shape == (2, 6, 7)
+    for b in range(2):
+        for k in range(6):
+            ref = dense[int(levels[b, k])][b].flatten(1)[:, int(loc_idx[b, k])]
+            torch.testing.assert_close(got[b, k], ref, rtol=1e-5, atol=1e-5)
+    head.controller = torch.nn.Conv2d(16, 7, 1)
+    with pytest.raises(ValueError, match="3x3"):
+        head.controller_at(box_feats, levels, loc_idx)

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-import onnxruntime  # noqa: F401 - the export tests must run in CI (``.[test]`` installs the export extra)
+import onnxruntime  # the export tests must run in CI (``.[test]`` installs the export extra)
 
 from boxmask.cli import main
 from boxmask.config import load_config
 from boxmask.data.coco import read_image_rgb
 from boxmask.data.sample import sample_paths
-from boxmask.engine.export import ExportError, OnnxModel, export_onnx, read_metadata, require_onnx
+from boxmask.engine.export import (ExportError, OnnxModel, aligned_upsample_crop, export_onnx, read_metadata,
+                                   require_onnx)
 from boxmask.engine.inference import load_checkpoint
 from boxmask.modeling.condinst import aligned_bilinear, build_model
 from boxmask.modeling.fcos import flatten_levels
@@ -201,6 +202,42 @@ def test_static_export_metadata_round_trip_and_input_errors(tmp_path):
     onnx.save(proto, str(not_ours))
     with pytest.raises(ExportError, match="not a boxmask ONNX export"):
         read_metadata(not_ours)
+
+
+class _Upsample(torch.nn.Module):
+    def __init__(self, fixed: bool):
+        super().__init__()
+        self.fixed = fixed
+
+    def forward(self, small, like):
+        return aligned_upsample_crop(small, like, 4, self.fixed)
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_exported_mask_upsampling_equals_aligned_bilinear(tmp_path, fixed):
+    """Both ONNX forms of the final mask upsampling (two x2 resizes for a static size = 4x the mask size; pad,
+    resize, crop otherwise) equal the eager ``aligned_bilinear`` + crop, including the borders."""
+    import onnx
+
+    small = torch.rand(1, 5, 12, 10, generator=torch.Generator().manual_seed(0))
+    small[0, :, 0, :] = 0.0  # steep borders: a wrong offset or clamp shows at the edges
+    small[0, :, :, -1] = 1.0
+    sizes = [(48, 40)] if fixed else [(48, 40), (45, 37), (41, 33)]
+    path = tmp_path / "up.onnx"
+    kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
+    dyn = None if fixed else {"like": {2: "h", 3: "w"}, "out": {2: "h", 3: "w"}}
+    torch.onnx.export(_Upsample(fixed), (small, torch.zeros(1, 1, *sizes[0])), str(path), input_names=["small", "like"],
+                      output_names=["out"], dynamic_axes=dyn, opset_version=17, **kwargs)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Resize") == (2 if fixed else 1) and ("Slice" in ops) != fixed
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in sizes:
+        ref = aligned_bilinear(small, 4)[..., :h, :w]
+        feeds = {"small": small.numpy(), "like": np.zeros((1, 1, h, w), np.float32)}
+        names = {i.name for i in session.get_inputs()}  # (the static graph does not read ``like``)
+        got = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+        assert got.shape == (1, 5, h, w)
+        assert np.abs(got - ref.numpy()).max() < 1e-5
 
 
 def test_unknown_family_checkpoint_is_a_clear_error(tmp_path, capsys):

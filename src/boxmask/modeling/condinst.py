@@ -186,10 +186,10 @@ class CondInst(nn.Module):
         return self.mask_head.out_stride
 
     # ------------------------------------------------------------------ shared
-    def _forward_features(self, images: Tensor):
+    def _forward_features(self, images: Tensor, dense_params: bool = True):
         x = (images.float() - self.pixel_mean) / self.pixel_std
         feats = self.fpn(self.backbone(x))
-        cls_logits, bbox_reg, ctrness, params = self.head(feats)
+        cls_logits, bbox_reg, ctrness, params = self.head(feats, dense_params)
         mask_feats = self.mask_branch(feats)
         locations = [compute_locations(f.shape[-2], f.shape[-1], s, f.device) for f, s in zip(feats, self.strides)]
         return cls_logits, bbox_reg, ctrness, params, mask_feats, locations

@@ -51,7 +51,8 @@ class FCOSHead(nn.Module):
     ``forward(features)`` takes ``list[Tensor [B,in_channels,H_l,W_l]]`` and returns four lists over
     levels: class logits ``[B,C,H_l,W_l]``, box distances ``[B,4,H_l,W_l]`` (l,t,r,b divided by the
     level stride, >= 0 by ReLU), centerness logits ``[B,1,H_l,W_l]`` and controller outputs
-    ``[B,num_params,H_l,W_l]``. All float32 (or the autocast dtype).
+    ``[B,num_params,H_l,W_l]``. All float32 (or the autocast dtype). With ``dense_params=False`` the fourth
+    list holds the bbox-tower features ``[B,in_channels,H_l,W_l]`` instead, for :meth:`controller_at`.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_convs: int = 4, num_params: int = 233,
@@ -71,7 +72,7 @@ class FCOSHead(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward(self, features: list[Tensor]):
+    def forward(self, features: list[Tensor], dense_params: bool = True):
         logits, bbox_reg, ctrness, params = [], [], [], []
         for level, feature in enumerate(features):
             cls_feat = self.cls_tower(feature)
@@ -79,8 +80,39 @@ class FCOSHead(nn.Module):
             logits.append(self.cls_logits(cls_feat))
             ctrness.append(self.ctrness(box_feat))
             bbox_reg.append(F.relu(self.scales[level](self.bbox_pred(box_feat))))
-            params.append(self.controller(box_feat))
+            params.append(self.controller(box_feat) if dense_params else box_feat)
         return logits, bbox_reg, ctrness, params
+
+    def controller_at(self, box_feats: list[Tensor], levels: Tensor, loc_idx: Tensor) -> Tensor:
+        """The controller evaluated at a few locations only: equal (to float rounding) to gathering the dense
+        controller output, without convolving every location of every level (inference keeps ~100).
+
+        Args:
+            box_feats: per level the bbox-tower features ``[B,in_channels,H_l,W_l]`` (``forward(...,
+                dense_params=False)`` returns them in place of the controller outputs).
+            levels: int64 ``[B,K]``, the FPN level index of each location (0 = P3).
+            loc_idx: int64 ``[B,K]``, the row-major location index within its level (``y*W_l + x``).
+        Returns float ``[B,K,num_params]``. Raises ValueError when the controller is not a 3x3, stride-1,
+        padding-1 convolution (the only form the gather below reproduces).
+        """
+        conv = self.controller
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1) \
+                or conv.groups != 1:
+            raise ValueError("controller_at needs a 3x3 stride-1 padding-1 controller convolution")
+        b, k = levels.shape
+        dy = torch.tensor([-1, -1, -1, 0, 0, 0, 1, 1, 1], device=levels.device)
+        dx = torch.tensor([-1, 0, 1, -1, 0, 1, -1, 0, 1], device=levels.device)
+        patches = None
+        for level, feat in enumerate(box_feats):
+            c, h, w = feat.shape[1:]
+            idx = loc_idx.clamp(max=h * w - 1)  # (locations of other levels: any in-range index, masked below)
+            row, col = idx // w, idx % w
+            flat = F.pad(feat, (1, 1, 1, 1)).flatten(2)  # zero padding as the convolution's
+            taps = (row[..., None] + 1 + dy) * (w + 2) + (col[..., None] + 1 + dx)  # [B,K,9]
+            got = torch.gather(flat, 2, taps.reshape(b, 1, k * 9).expand(-1, c, -1))  # [B,C,K*9]
+            got = got.reshape(b, c, k, 9).permute(0, 2, 1, 3).reshape(b, k, c * 9)  # (c, ky, kx) as the weight
+            patches = got if patches is None else torch.where((levels == level)[..., None], got, patches)
+        return patches @ conv.weight.reshape(conv.out_channels, -1).t() + conv.bias
 
 
 def compute_locations(h: int, w: int, stride: int, device: torch.device) -> Tensor:

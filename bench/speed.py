@@ -57,11 +57,12 @@ sample, resized to exactly the stated size with their boxes), it measures, as me
   line. Inference is not timed again: the teacher is training-only, a SIM checkpoint loads as the
   same network as BoxInst's.
 
-* with ``--inference`` (instead of everything above): inference rows only, ``benchmark: "inference"``, one per
-  runtime: ``runtime`` ``pytorch`` (``model.predict``, eager, fp32, ``torch.set_num_threads(--threads)``) and
-  ``onnxruntime`` (the model exported by ``boxmask.engine.export`` at the stated size, batch 1, run by
+* with ``--inference`` (instead of everything above): inference rows only, ``benchmark: "inference"``, three
+  per config: ``runtime`` ``pytorch`` (``model.predict``, eager, fp32, ``torch.set_num_threads(--threads)``) and
+  ``onnxruntime`` twice, ``onnx_masks`` ``probabilities`` (the default export) and ``binary``
+  (``--binary-masks``): the model exported by ``boxmask.engine.export`` at the stated size, batch 1, run by
   onnxruntime's CPU provider with ``intra_op_num_threads = --threads``, through ``OnnxModel.predict``: crop,
-  graph, resize to the image size, threshold), each ``infer_img_per_s`` end to end (uint8 image in, boxes, scores,
+  graph, resize to the image size, threshold; each ``infer_img_per_s`` end to end (uint8 image in, boxes, scores,
   labels and binary masks at the image size out) on the same images, score threshold 0 (up to
   ``max_detections``, 100, instances per image, as above). ``onnx_outputs_match``: the same run's onnxruntime
   outputs equal PyTorch's (same number of detections, matched one-to-one; boxes within 1e-3 px, scores within
@@ -712,7 +713,7 @@ def run_inference(name: str, *, threads: int = 2, reps: int = 5, warmup: int = 2
                   seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict]:
     """Inference rows of config ``name`` on the CPU: PyTorch eager and onnxruntime (module doc, ``--inference``).
 
-    Returns two records (``runtime`` ``pytorch`` and ``onnxruntime``). Raises KeyError for an unknown config,
+    Returns three records (``pytorch``; ``onnxruntime`` with probability and binary masks). Raises KeyError for an unknown config,
     :class:`boxmask.engine.export.ExportError` when onnx/onnxruntime are missing.
     """
     from boxmask.engine.export import OnnxModel, export_model
@@ -738,26 +739,31 @@ def run_inference(name: str, *, threads: int = 2, reps: int = 5, warmup: int = 2
         meta = {"class_names": [f"class{i}" for i in range(num_classes)], "cat_ids": list(range(1, num_classes + 1))}
         export_model(model, cfg, meta, Path(tmp) / "model.onnx", image_size=sizes[0])
         export_s = time.perf_counter() - t0
-        runner = OnnxModel(Path(tmp) / "model.onnx", threads=threads)
+        export_model(model, cfg, meta, Path(tmp) / "binary.onnx", image_size=sizes[0], binary_masks=True)
+        runners = {"probabilities": OnnxModel(Path(tmp) / "model.onnx", threads=threads),
+                   "binary": OnnxModel(Path(tmp) / "binary.onnx", threads=threads)}
         with torch.no_grad():
-            ref, got = predict_all(model), predict_all(runner)
-        match = _match_outputs(ref, got)
+            ref = predict_all(model)
+            outputs = {kind: predict_all(r) for kind, r in runners.items()}
+        match = {kind: _match_outputs(ref, got) for kind, got in outputs.items()}
         rows = []
-        for runtime, m in (("pytorch", model), ("onnxruntime", runner)):
-            say(f"[{name}] inference, {runtime} ...")
+        import onnxruntime
+
+        for runtime, kind, m in (("pytorch", None, model), ("onnxruntime", "probabilities", runners["probabilities"]),
+                                 ("onnxruntime", "binary", runners["binary"])):
+            say(f"[{name}] inference, {runtime} {kind or ''} ...")
             with torch.no_grad():
                 infer_s = time_call(lambda: predict_all(m), torch.device("cpu"), reps, warmup) / bsz
-            import onnxruntime
-
             rows.append({
                 "benchmark": "inference", "config": name, "backbone": cfg.model.backbone,
                 "fpn_channels": cfg.model.fpn_channels, "dataset": ds_name, "weights": "random init",
-                "device": device_description(torch.device("cpu")), "runtime": runtime, "threads": threads,
-                "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                "device": device_description(torch.device("cpu")), "runtime": runtime, "onnx_masks": kind,
+                "threads": threads, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                 "image_size": [int(hw[0]), int(hw[1])], "images": bsz, "reps": reps, "warmup": warmup,
                 "infer_img_per_s": 1.0 / infer_s,
-                "infer_detections_per_img": statistics.mean(len(p.scores) for p in (ref if runtime == "pytorch" else got)),
-                "onnx_outputs_match": match, "export_s": export_s,
+                "infer_detections_per_img": statistics.mean(len(p.scores) for p in (outputs[kind] if kind else ref)),
+                # pytorch rows: both exports matched; onnxruntime rows: this export matched
+                "onnx_outputs_match": match[kind] if kind else all(match.values()), "export_s": export_s,
                 "commit": git_commit(), "date": dt.date.today().isoformat(),
             })
     return rows

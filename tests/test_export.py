@@ -205,18 +205,19 @@ def test_static_export_metadata_round_trip_and_input_errors(tmp_path):
 
 
 class _Upsample(torch.nn.Module):
-    def __init__(self, fixed: bool):
+    def __init__(self, fixed: bool, threshold):
         super().__init__()
-        self.fixed = fixed
+        self.fixed, self.threshold = fixed, threshold
 
     def forward(self, small, like):
-        return aligned_upsample_crop(small, like, 4, self.fixed)
+        return aligned_upsample_crop(small, like, 4, self.fixed, self.threshold)
 
 
 @pytest.mark.parametrize("fixed", [True, False])
-def test_exported_mask_upsampling_equals_aligned_bilinear(tmp_path, fixed):
-    """Both ONNX forms of the final mask upsampling (two x2 resizes for a static size = 4x the mask size; pad,
-    resize, crop otherwise) equal the eager ``aligned_bilinear`` + crop, including the borders."""
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_exported_mask_upsampling_equals_aligned_bilinear(tmp_path, fixed, threshold):
+    """Both ONNX forms of the final mask upsampling (static size = 4x the mask size: two x2 resizes; otherwise
+    pad, resize, crop) equal the eager ``aligned_bilinear`` + crop (+ threshold), including the borders."""
     import onnx
 
     small = torch.rand(1, 5, 12, 10, generator=torch.Generator().manual_seed(0))
@@ -226,18 +227,24 @@ def test_exported_mask_upsampling_equals_aligned_bilinear(tmp_path, fixed):
     path = tmp_path / "up.onnx"
     kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
     dyn = None if fixed else {"like": {2: "h", 3: "w"}, "out": {2: "h", 3: "w"}}
-    torch.onnx.export(_Upsample(fixed), (small, torch.zeros(1, 1, *sizes[0])), str(path), input_names=["small", "like"],
-                      output_names=["out"], dynamic_axes=dyn, opset_version=17, **kwargs)
+    torch.onnx.export(_Upsample(fixed, threshold), (small, torch.zeros(1, 1, *sizes[0])), str(path),
+                      input_names=["small", "like"], output_names=["out"], dynamic_axes=dyn, opset_version=17, **kwargs)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("Resize") == (2 if fixed else 1) and ("Slice" in ops) != fixed
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}  # (a static graph does not read ``like``)
     for h, w in sizes:
         ref = aligned_bilinear(small, 4)[..., :h, :w]
         feeds = {"small": small.numpy(), "like": np.zeros((1, 1, h, w), np.float32)}
-        names = {i.name for i in session.get_inputs()}  # (the static graph does not read ``like``)
         got = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
         assert got.shape == (1, 5, h, w)
-        assert np.abs(got - ref.numpy()).max() < 1e-5
+        if threshold is None:
+            assert got.dtype == np.float32 and np.abs(got - ref.numpy()).max() < 1e-5
+        else:
+            assert got.dtype == np.uint8
+            want = (ref > threshold).numpy()
+            near = (ref - threshold).abs().numpy() < 1e-6  # float-rounding ties may go either way
+            assert ((got.astype(bool) == want) | near).all() and want.mean() > 0.2
 
 
 def test_unknown_family_checkpoint_is_a_clear_error(tmp_path, capsys):

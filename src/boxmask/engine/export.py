@@ -148,16 +148,17 @@ def class_nms_keep(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor,
 
 
 class _AlignedUpsampleCrop(torch.autograd.Function):
-    """``aligned_bilinear(x, factor)[..., :h, :w]`` with ``(h, w)`` the size of ``like``, exported as one ONNX
-    ``Resize`` and one ``Slice`` (see :func:`aligned_upsample_crop`)."""
+    """``aligned_bilinear(x, factor)[..., :h, :w]`` with ``(h, w)`` the size of ``like``, optionally thresholded,
+    exported as ``Resize`` ops (see :func:`aligned_upsample_crop`)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, like: Tensor, factor: int, fixed_size: bool) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor, like: Tensor, factor: int, fixed_size: bool, threshold: float | None) -> Tensor:  # noqa: D102
         h, w = like.shape[-2:]
-        return aligned_bilinear(x, factor)[..., :h, :w]
+        up = aligned_bilinear(x, factor)[..., :h, :w]
+        return up if threshold is None else (up > threshold).to(torch.uint8)
 
     @staticmethod
-    def symbolic(g, x, like, factor: int, fixed_size: bool):  # noqa: D102
+    def symbolic(g, x, like, factor: int, fixed_size: bool, threshold: float | None):  # noqa: D102
         def const(values, dtype=torch.int64):
             return g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
 
@@ -167,32 +168,40 @@ class _AlignedUpsampleCrop(torch.autograd.Function):
             return g.op("Resize", t, *args, mode_s="linear", coordinate_transformation_mode_s="asymmetric",
                         nearest_mode_s="floor")
 
+        def above(t, value):
+            return g.op("Cast", g.op("Greater", t, const([value], torch.float32)), to_i=2)  # uint8
+
         if factor == 4 and fixed_size:
             # y = x(j/4 - 1/2) = asym x2 of (asym x2 of x, shifted by one pixel): two resizes of exactly the
             # output size, no full-resolution crop (the 1-px crop of the shift only drops clamped samples)
             half = g.op("Pad", resize(x, scale=2.0), const([0, 0, 1, 1, 0, 0, -1, -1]), mode_s="edge")
-            return resize(half, scale=2.0)
+            up = resize(half, scale=2.0)
+            return up if threshold is None else above(up, threshold)
         # general case: y[j] = x(j/f - 1/2) clamped = asymmetric resize of x edge-padded by 1, at j + f/2
         padded = g.op("Pad", x, const([0, 0, 1, 1, 0, 0, 1, 1]), mode_s="edge")
         up = resize(padded, sizes=g.op("Mul", g.op("Shape", padded), const([1, 1, factor, factor])))
         hw = g.op("Slice", g.op("Shape", like), const([2]), const([4]))
         offset = const([factor // 2, factor // 2])
-        return g.op("Slice", up, offset, g.op("Add", hw, offset), const([2, 3]))
+        up = g.op("Slice", up, offset, g.op("Add", hw, offset), const([2, 3]))
+        return up if threshold is None else above(up, threshold)
 
 
-def aligned_upsample_crop(x: Tensor, like: Tensor, factor: int, fixed_size: bool = False) -> Tensor:
+def aligned_upsample_crop(x: Tensor, like: Tensor, factor: int, fixed_size: bool = False,
+                          threshold: float | None = None) -> Tensor:
     """:func:`~boxmask.modeling.condinst.aligned_bilinear` of ``x`` float ``[N,C,h,w]`` by the integer ``factor``,
-    cropped to the spatial size ``(H, W)`` of ``like`` (``H <= factor*h``, ``W <= factor*w``): ``[N,C,H,W]``.
+    cropped to the spatial size ``(H, W)`` of ``like`` (``H <= factor*h``, ``W <= factor*w``): float
+    ``[N,C,H,W]``, or with ``threshold`` the uint8 0/1 masks ``upsampled > threshold``.
 
-    Eager: exactly ``aligned_bilinear(x, factor)[..., :H, :W]``. Exported (TorchScript ONNX exporter) as
-    ``asymmetric`` linear ``Resize`` ops equal to it to float rounding (2e-7), without the eager chain's
-    full-resolution pad and crops, which cost 2-3x the resize itself in onnxruntime:
+    Eager: exactly ``aligned_bilinear(x, factor)[..., :H, :W]`` (then the comparison). Exported (TorchScript
+    ONNX exporter) as ``asymmetric`` linear ``Resize`` ops equal to it to float rounding (2e-7), without the
+    eager chain's full-resolution pad and crops, which cost 2-3x the resize itself in onnxruntime:
 
     * ``fixed_size`` (a static-size graph with ``H == 4h`` and ``W == 4w``, ``factor == 4``): two x2 resizes
       and a one-pixel shift between them, nothing at full resolution but the last resize;
     * otherwise (any size, dynamic graphs): edge pad by 1, one resize, one crop.
     """
-    return _AlignedUpsampleCrop.apply(x, like, int(factor), bool(fixed_size))
+    return _AlignedUpsampleCrop.apply(x, like, int(factor), bool(fixed_size),
+                                      None if threshold is None else float(threshold))
 
 
 class CondInstExport(nn.Module):
@@ -277,8 +286,7 @@ class CondInstExport(nn.Module):
         f = m.mask_head.out_stride
         # (sizes are Python ints here only when traced for a static graph)
         fixed = self.static_size and (int(h), int(w)) == (f * int(hs), f * int(ws))
-        probs = aligned_upsample_crop(small, images, f, fixed)
-        masks = (probs > cfg.mask_threshold).to(torch.uint8) if self.binary else probs
+        masks = aligned_upsample_crop(small, images, f, fixed, cfg.mask_threshold if self.binary else None)
         return det_boxes, top.clamp(min=0), det_labels, masks, num_dets
 
 
@@ -613,12 +621,16 @@ class OnnxModel:
             if self.max_detections is not None:
                 n = min(n, int(self.max_detections))
             boxes, scores, labels = r["boxes"][0, :n].float(), r["scores"][0, :n].float(), r["labels"][0, :n]
-            probs = r["masks"][0, :n].float()
-            if self.metadata.get("masks") == "binary":
-                probs = probs * (thr + 1.0) / 2.0 + 0.0  # 1 → above, 0 → below the threshold after resizing
+            raw = r["masks"][0, :n]
+            binary = self.metadata.get("masks") == "binary"
             if n == 0:
                 masks = torch.zeros(0, oh, ow, dtype=torch.bool)
+            elif binary and (oh, ow) == (h, w):
+                masks = raw.bool()
             else:
+                probs = raw.float()
+                if binary:
+                    probs = probs * (thr + 1.0) / 2.0 + 0.0  # 1 → above, 0 → below the threshold after resizing
                 if (oh, ow) != (h, w):  # (a same-size bilinear resize is the identity)
                     probs = F.interpolate(probs[:, None], size=(oh, ow), mode="bilinear", align_corners=False)[:, 0]
                 masks = torch.from_numpy(probs.contiguous().numpy() > thr)  # numpy's compare: ~3x torch's here

@@ -7,7 +7,9 @@ in two tracks on its val split, in one run.
   (``boxinst_boxfill``, which isolates what the mask head adds).
   Methods: ``boxinst``, ``condinst``, ``boxinst_boxfill``; ``boxlevelset`` and ``boxlevelset_boxfill``
   train BoxLevelSet (SOLOv2-style network + level-set supervision, recipe
-  ``boxlevelset_effnet-lite0_fpn_nuts``: AdamW) on the same data, schedule length, backbone and seed.
+  ``boxlevelset_effnet-lite0_fpn_nuts``: AdamW) on the same data, schedule length, backbone and seed;
+  ``solov2_full`` (real masks) and ``solov2_boxinst`` (BoxInst's losses) train that recipe's network with
+  another supervision, as controls (``ratio_over_solov2_full`` on ``boxlevelset`` / ``solov2_boxinst``).
 * ``boxes_given``: the ground-truth boxes are the input (as when a user annotates a box-labelled
   dataset) and every box gets one mask: the filled GT box (``filled_box``), OpenCV GrabCut initialised
   with the box (``grabcut``, 5 iterations), and ``boxmask annotate`` with the trained BoxInst
@@ -91,6 +93,8 @@ METHODS = {
     "boxlevelset": ("end_to_end", "box", "boxlevelset"),
     "boxlevelset_boxfill": ("end_to_end", "box", "boxlevelset"),
     "boxlevelset_annotate": ("boxes_given", "box", "boxlevelset"),
+    "solov2_full": ("end_to_end", "mask", "solov2_full"),
+    "solov2_boxinst": ("end_to_end", "box", "solov2_boxinst"),
     "sim": ("end_to_end", "box", "sim"),
     "sim_boxfill": ("end_to_end", "box", "sim"),
     "sim_annotate": ("boxes_given", "box", "sim"),
@@ -100,6 +104,10 @@ MODELS = {
     "boxinst": ("boxinst_effnet-lite0_fpn_nuts", ["supervision.type=boxinst"]),
     "condinst": ("boxinst_effnet-lite0_fpn_nuts", ["supervision.type=full"]),
     "boxlevelset": ("boxlevelset_effnet-lite0_fpn_nuts", []),
+    # controls of the SOLOv2-style network (issue 13): real masks, and BoxInst's losses, same recipe
+    "solov2_full": ("boxlevelset_effnet-lite0_fpn_nuts", ["supervision.type=full", "model.level_set_channels=0"]),
+    "solov2_boxinst": ("boxlevelset_effnet-lite0_fpn_nuts", ["supervision.type=boxinst", "model.level_set_channels=0",
+                                                            "supervision.projection_weight=1.0"]),
     "sim": ("sim_effnet-lite0_fpn_nuts", []),
 }
 #: methods whose rows are the model's detections with their boxes filled
@@ -602,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"benchmark": "quality", "run": run, "dataset": name, "split": "val", "backbone": args.backbone,
             "image_size": args.image_size, "iterations": args.iterations, "batch_size": args.batch_size,
             "max_dets": args.max_dets, "commit": commit, "date": date}
-    empty = {"mean_mask_IoU": None, "ratio_box_over_mask": None, "box_fallbacks": None, "train_wall_s": None}
+    empty = {"mean_mask_IoU": None, "ratio_box_over_mask": None, "ratio_over_solov2_full": None, "box_fallbacks": None, "train_wall_s": None}
 
     # ---- trainings (one per supervision some selected method needs)
     cfgs, trained = {}, {}
@@ -634,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
                    wall_s=round(trained[kind]["wall_s"], 1), config=str(out / kind / "config.yaml"))
         if method in ("boxinst", "boxlevelset", "sim") and "condinst" in e2e:
             row["ratio_box_over_mask"] = _ratio(segm["AP"], e2e["condinst"]["model"]["segm"]["AP"])
+        if method in ("boxlevelset", "solov2_boxinst") and "solov2_full" in e2e:  # same network, real masks
+            row["ratio_over_solov2_full"] = _ratio(segm["AP"], e2e["solov2_full"]["model"]["segm"]["AP"])
         row.update(group="all", shift=_shifted(args.train_kinds, set(kinds.get(im["file_name"]) for im in val_data["images"])))
         rows.append(row)
         rows += end_to_end_kind_rows(row, out / kind / "eval", val_json, val_data, kinds, args.train_kinds,

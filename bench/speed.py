@@ -57,6 +57,11 @@ sample, resized to exactly the stated size with their boxes), it measures, as me
   line. Inference is not timed again: the teacher is training-only, a SIM checkpoint loads as the
   same network as BoxInst's.
 
+* with ``--boxlevelset`` (instead of everything above): one ``benchmark: "boxlevelset_step"`` row per config:
+  the packaged BoxLevelSet recipe with the config's backbone and size (SOLOv2 network, level-set head,
+  ``supervision.type=levelset``), ``boxlevelset_step_s`` (a whole training step), ``boxlevelset_loss_path_s``
+  (every ``LevelSetSupervision.losses`` call of that step, forward + backward, on detached inputs),
+  ``boxlevelset_fraction`` (their ratio), ``boxlevelset_positives`` and the loss path's peak memory.
 * with ``--inference`` (instead of everything above): inference rows only, ``benchmark: "inference"``, three
   per config: ``runtime`` ``pytorch`` (``model.predict``, eager, fp32, ``torch.set_num_threads(--threads)``) and
   ``onnxruntime`` twice, ``onnx_masks`` ``probabilities`` (the default export) and ``binary``
@@ -769,6 +774,90 @@ def run_inference(name: str, *, threads: int = 2, reps: int = 5, warmup: int = 2
     return rows
 
 
+#: the BoxLevelSet recipe timed by ``--boxlevelset`` for each config (same backbone and input size)
+BOXLEVELSET_RECIPES: dict[str, BenchSpec] = {
+    "r50": BenchSpec("boxlevelset_R_50_FPN_3x", ("data.builtin=sample", "model.backbone_weights=none"), (800, 1333), 2),
+    "lite0": BenchSpec("boxlevelset_effnet-lite0_fpn_dsb2018-sample", ("model.backbone_weights=none",), (512, 512), 2),
+}
+
+
+def run_boxlevelset(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 2, dataset: str | None = None,
+                    image_size: tuple[int, int] | None = None, batch: int | None = None,
+                    overrides: Sequence[str] = (), seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+    """The share of BoxLevelSet's level-set loss in a SOLOv2 training step (``--boxlevelset``, module doc).
+
+    The packaged BoxLevelSet recipe of config ``name`` (:data:`BOXLEVELSET_RECIPES`: SOLOv2 network with the
+    5-channel level-set head, ``supervision.type=levelset``), random weights, fp32. Times a full training
+    step (forward, targets, all losses, backward, clip, optimiser step) and the loss path alone: every call
+    of ``LevelSetSupervision.losses`` of that step (one per mask stride group) forward + backward on the
+    captured instances' detached logits and ``F_ls`` (MSTs, tree filters, energies, projection). Returns the
+    JSON record (``boxlevelset_step_s``, ``boxlevelset_loss_path_s``, ``boxlevelset_fraction``,
+    ``boxlevelset_positives``, ``boxlevelset_loss_peak_mem_bytes``). Raises KeyError for an unknown config.
+    """
+    from boxmask.supervision.levelset import LevelSetSupervision
+
+    if name not in BOXLEVELSET_RECIPES:
+        raise KeyError(f"unknown benchmark config {name!r}; choose from {sorted(BOXLEVELSET_RECIPES)}")
+    say = log or (lambda _msg: None)
+    spec = BOXLEVELSET_RECIPES[name]
+    cfg = load_config(spec.recipe, [*spec.overrides, *overrides])
+    dev = resolve_device(device)
+    hw = tuple(image_size or spec.image_size)
+    bsz = int(batch or spec.batch)
+    dataset = dataset or default_dataset()
+    cpu_batch, num_classes, ds_name = load_batch(dataset, hw, bsz, cfg.data.size_divisibility)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes).to(dev).train()
+    opt = build_optimizer(model, cfg.solver)
+    supervision = LevelSetSupervision(cfg.supervision)
+    data = cpu_batch.to(dev)
+    inputs = supervision_inputs(data, with_masks=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    captured: list = []
+
+    def capture(instances, inp, step):
+        captured.append(instances)
+        return supervision.losses(instances, inp, step)
+
+    class _Capture:
+        uses_gt_masks = False
+        losses = staticmethod(capture)
+
+    def step():
+        captured.clear()
+        opt.zero_grad(set_to_none=True)
+        losses = model.training_losses(data.images, inputs, _Capture, step=0)
+        sum(losses.values()).backward()
+        if cfg.solver.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.solver.grad_clip)
+        opt.step()
+
+    say(f"[{name}] BoxLevelSet step ...")
+    step()
+    groups = [(inst, inst.logits.detach().float(), inst.level_set_feats.detach().float()) for inst in captured]
+
+    def loss_path():
+        total = 0
+        for inst, logits, feats in groups:
+            inst.logits = logits.clone().requires_grad_(True)
+            inst.level_set_feats = feats.clone().requires_grad_(True)
+            total = total + sum(supervision.losses(inst, inputs, 0).values())
+        total.backward()
+
+    step_s = time_call(step, dev, reps, warmup)
+    say(f"[{name}] level-set loss path ...")
+    loss_s = time_call(loss_path, dev, reps, warmup)
+    mem, _ = peak_memory_bytes(loss_path, dev)
+    return {
+        "benchmark": "boxlevelset_step", "config": name, "recipe": spec.recipe, "backbone": cfg.model.backbone,
+        "dataset": ds_name, "device": device_description(dev), "torch": torch.__version__, "precision": "fp32",
+        "batch": bsz, "image_size": [int(hw[0]), int(hw[1])], "reps": reps, "warmup": warmup,
+        "boxlevelset_positives": sum(len(g[1]) for g in groups),
+        "boxlevelset_step_s": step_s, "boxlevelset_loss_path_s": loss_s, "boxlevelset_fraction": loss_s / step_s,
+        "boxlevelset_loss_peak_mem_bytes": mem, "commit": git_commit(), "date": dt.date.today().isoformat(),
+    }
+
+
 def levelset_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.device, reps: int, warmup: int,
                     seed: int, amp: Callable[[], contextlib.AbstractContextManager]) -> dict:
     """Training step and loss path with ``supervision.type=levelset`` (BoxLevelSet losses on CondInst).
@@ -882,6 +971,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="also time the level-set supervision (BoxLevelSet losses on the same network)")
     ap.add_argument("--sim", action="store_true",
                     help="also time a SIM training step (teacher, prototypes, pseudo masks, copy-paste)")
+    ap.add_argument("--boxlevelset", action="store_true",
+                    help="only the BoxLevelSet rows: level-set loss share of a SOLOv2 training step")
     ap.add_argument("--inference", action="store_true",
                     help="only the inference rows: PyTorch eager and onnxruntime on the CPU with --threads (default 2)")
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON-lines file to append to")
@@ -900,6 +991,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f.write(line + "\n")
         records.append(rec)
 
+    if args.boxlevelset:
+        for name in args.configs:
+            emit(run_boxlevelset(name, device=args.device, reps=args.reps, warmup=args.warmup, dataset=args.dataset,
+                                 image_size=image_size, batch=args.batch, overrides=args.overrides,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True)))
+        return records
     if args.inference:
         for name in args.configs:
             for rec in run_inference(name, threads=args.threads or 2, reps=args.reps, warmup=args.warmup,

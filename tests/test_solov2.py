@@ -13,7 +13,7 @@ from boxmask.modeling.box_conditioned import box_conditioned_masks
 from boxmask.modeling.condinst import build_model
 from boxmask.modeling.fpn import SOLOFPN
 from boxmask.modeling.solo_targets import solo_targets
-from boxmask.modeling.solov2 import SOLOv2, coord_features, point_nms
+from boxmask.modeling.solov2 import SOLOv2, coord_features, fourier_position_features, point_nms
 from boxmask.supervision.base import MaskSupervision, SupervisionInputs
 from helpers import TINY, assert_eval_output_consistent, check_annotate_one_sample_image, losses_real_and_garbage_masks, sample_batch
 
@@ -60,6 +60,32 @@ def test_coord_features_and_point_nms():
     kept = point_nms(heat)
     expected = torch.tensor([[[[0.1, 0.9, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.0]]]])  # 0.8 sees 0.9
     assert torch.equal(kept, expected)
+
+
+def test_fourier_position_features_values_grids_and_the_model_option(tmp_path):
+    f = fourier_position_features(torch.zeros(2, 7, 3, 4), 2)
+    assert f.shape == (2, 8, 3, 4)
+    u = torch.tensor([-0.75, -0.25, 0.25, 0.75])  # cell centres of 4 columns in [-1, 1]
+    v = torch.tensor([-2 / 3, 0.0, 2 / 3])
+    for k in range(2):
+        w = torch.pi * 2 ** k
+        torch.testing.assert_close(f[0, 4 * k + 0, 1], (w * u).sin())
+        torch.testing.assert_close(f[0, 4 * k + 1, 2], (w * u).cos())
+        torch.testing.assert_close(f[1, 4 * k + 2, :, 0], (w * v).sin())
+        torch.testing.assert_close(f[1, 4 * k + 3, :, 3], (w * v).cos())
+    # one image point, one feature vector on every grid: the centre of coarse cell j is the edge shared by
+    # fine cells 2j and 2j+1, whose features average to it only for linear features -- check the positions
+    coarse, fine = fourier_position_features(torch.zeros(1, 1, 1, 5), 1), fourier_position_features(torch.zeros(1, 1, 1, 15), 1)
+    torch.testing.assert_close(coarse[0, :, 0, 2], fine[0, :, 0, 7])  # both the image centre
+    assert fourier_position_features(torch.zeros(1, 1, 2, 2), 0).shape == (1, 0, 2, 2)
+    with pytest.raises(ConfigError, match="solo_coord_freqs"):
+        solo_cfg(tmp_path, "model.solo_coord_freqs=-1")
+    model = SOLOv2(solo_cfg(tmp_path, "model.solo_coord_freqs=3").model, 2)
+    cates, kernels, mask_feats = model._forward_features(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+    assert [tuple(k.shape) for k in kernels] == [(1, 16, s, s) for s in (40, 36, 24, 16, 12)]
+    assert tuple(mask_feats.shape) == (1, 16, 32, 32)
+    assert model.head.kernel_tower[0][0].in_channels == model.head.cate_tower[0][0].in_channels + 2 + 12
+    assert model.mask_branch.pred[0].in_channels == model.mask_branch.levels[0][0][0].out_channels + 12
 
 
 class _Recorder(MaskSupervision):

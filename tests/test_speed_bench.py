@@ -87,6 +87,21 @@ def test_benchmark_writes_issue_fields_and_paths_agree(tmp_path):
     assert rec["sim_overhead"] == pytest.approx(rec["sim_step_s"] / rec["step_s"] - 1.0)
 
 
+def test_boxlevelset_rows_time_the_level_set_share_of_a_solov2_step(tmp_path):
+    out = tmp_path / "speed.jsonl"
+    tiny = ["model.fpn_channels=32", "model.solo_head_channels=32", "model.head_convs=1",
+            "model.mask_branch_channels=16", "model.mask_channels=16"]
+    (rec,) = speed.main(["--configs", "lite0", "--boxlevelset", "--image-size", "128", "--reps", "1", "--warmup", "0",
+                         "--dataset", "sample", "--device", "cpu", "--output", str(out),
+                         *[a for o in tiny for a in ("--set", o)]])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rec))
+    assert rec["benchmark"] == "boxlevelset_step" and rec["recipe"].startswith("boxlevelset_")
+    assert rec["boxlevelset_positives"] > 0
+    assert 0 < rec["boxlevelset_loss_path_s"] and 0 < rec["boxlevelset_step_s"]
+    assert rec["boxlevelset_fraction"] == pytest.approx(rec["boxlevelset_loss_path_s"] / rec["boxlevelset_step_s"])
+    assert rec["boxlevelset_loss_peak_mem_bytes"] > 0
+
+
 def test_paths_agree_on_varied_logits():
     """Model logits at initialisation are nearly constant; spread them so every edge weight matters."""
     cfg, _, _, _, li = _loss_inputs()

@@ -120,6 +120,10 @@ class ModelConfig:
         default_factory=lambda: [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]])
     #: solov2: centre-region scale (SOLO's epsilon)
     solo_sigma: float = 0.2
+    #: solov2: octaves of Fourier position features (sin/cos of 2^k*pi*u, k < this, u the cell-centre position
+    #: in [-1, 1]) given to the kernel branch after the S x S resize and to F_mask's last conv; 0 = the reference
+    #: (linear coordinates only)
+    solo_coord_freqs: int = 0
     #: solov2: Matrix NMS gaussian kernel sigma and the score kept after the decay
     matrix_nms_sigma: float = 2.0
     matrix_nms_filter: float = 0.025
@@ -374,6 +378,8 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(f"model.solo_scale_ranges must be [lo, hi] pairs with 0 <= lo <= hi, got {m.solo_scale_ranges}")
         if any(g < 1 for g in m.solo_grids):
             raise ConfigError(f"model.solo_grids must be positive, got {m.solo_grids}")
+        if not 0 <= m.solo_coord_freqs <= 12:
+            raise ConfigError(f"model.solo_coord_freqs must be in [0, 12], got {m.solo_coord_freqs}")
     if cfg.supervision.type == "levelset" and cfg.model.level_set_channels <= 0:
         raise ConfigError("supervision.type=levelset needs the level-set feature head: set model.level_set_channels "
                           "(BoxLevelSet: 5)")

@@ -43,7 +43,7 @@ from .fpn import SOLOFPN
 from .matrix_nms import matrix_nms
 from .solo_targets import SOLO_MASK_STRIDES, solo_targets
 
-__all__ = ["MaskFeatureBranch", "SOLOv2", "SOLOv2Head", "coord_features", "point_nms"]
+__all__ = ["MaskFeatureBranch", "SOLOv2", "SOLOv2Head", "coord_features", "fourier_position_features", "point_nms"]
 
 #: stride of each head level's input feature (P2 halved, P3, P4, P5, P6 resized to P5), pixels
 SOLO_HEAD_STRIDES: tuple[int, ...] = (8, 8, 16, 32, 32)
@@ -61,6 +61,30 @@ def coord_features(x: Tensor) -> Tensor:
     xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([gx, gy])[None].expand(b, -1, -1, -1)
+
+
+def fourier_position_features(x: Tensor, freqs: int) -> Tensor:
+    """Fourier features of the cell-centre position of each sample of ``x`` ``[B, *, h, w]``: float
+    ``[B, 4*freqs, h, w]`` in ``x``'s dtype, per octave ``k < freqs`` the channels ``sin(2^k pi u)``,
+    ``cos(2^k pi u)``, ``sin(2^k pi v)``, ``cos(2^k pi v)`` with ``u = 2 (j + 0.5) / w - 1`` (columns) and
+    ``v`` likewise (rows), so one image point has the same features on every grid that tiles the image.
+
+    Why: a dynamic 1x1 kernel selects an instance by a dot product with ``F_mask``; with these features on
+    both sides, ``sum_k cos(w_k (q - p))`` peaks at the kernel's own cell, a match that raw linear
+    coordinates give only after the kernel branch has learnt a high-frequency function of position (an
+    MLP's spectral bias, Tancik et al., NeurIPS 2020). Not in SOLOv2/BoxLevelSet; ``model.solo_coord_freqs``.
+    """
+    b, _, h, w = x.shape
+    if freqs <= 0:
+        return x.new_zeros(b, 0, h, w)
+    u = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5) * (2.0 / w) - 1.0
+    v = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5) * (2.0 / h) - 1.0
+    octave = math.pi * 2.0 ** torch.arange(freqs, device=x.device, dtype=torch.float32)
+    fu, fv = u[None] * octave[:, None], v[None] * octave[:, None]  # [F, w], [F, h]
+    cols = torch.stack([fu.sin(), fu.cos()], 1)[:, :, None, :].expand(-1, -1, h, -1)  # [F, 2, h, w]
+    rows = torch.stack([fv.sin(), fv.cos()], 1)[:, :, :, None].expand(-1, -1, -1, w)
+    feats = torch.cat([cols, rows], 1).reshape(4 * freqs, h, w)
+    return feats.to(x.dtype)[None].expand(b, -1, -1, -1)
 
 
 def _conv_gn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
@@ -84,15 +108,17 @@ class SOLOv2Head(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int, num_convs: int, kernel_dim: int, num_classes: int,
-                 num_grids: list[int], prior_prob: float = 0.01):
+                 num_grids: list[int], prior_prob: float = 0.01, coord_freqs: int = 0):
         super().__init__()
         self.num_grids = list(num_grids)
-        self.kernel_tower = nn.Sequential(*[_conv_gn_relu(in_channels + 2 if i == 0 else channels, channels)
+        self.in_channels, self.coord_freqs = in_channels, coord_freqs
+        extra = 2 + 4 * coord_freqs
+        self.kernel_tower = nn.Sequential(*[_conv_gn_relu(in_channels + extra if i == 0 else channels, channels)
                                             for i in range(num_convs)])
         self.cate_tower = nn.Sequential(*[_conv_gn_relu(in_channels if i == 0 else channels, channels)
                                           for i in range(num_convs)])
         last = channels if num_convs else in_channels
-        self.kernel_pred = nn.Conv2d(last + (0 if num_convs else 2), kernel_dim, 1)
+        self.kernel_pred = nn.Conv2d(last + (0 if num_convs else extra), kernel_dim, 1)
         self.cate_pred = nn.Conv2d(last, num_classes, 3, padding=1)
         for conv in (self.kernel_pred, self.cate_pred):
             nn.init.normal_(conv.weight, std=0.01)
@@ -108,7 +134,9 @@ class SOLOv2Head(nn.Module):
         for x, s in zip(feats, self.num_grids):
             k = torch.cat([x, coord_features(x)], dim=1)
             k = F.interpolate(k, size=(s, s), mode="bilinear", align_corners=False)
-            cates.append(self.cate_pred(self.cate_tower(k[:, :-2])))
+            cates.append(self.cate_pred(self.cate_tower(k[:, : self.in_channels])))
+            if self.coord_freqs:
+                k = torch.cat([k, fourier_position_features(k, self.coord_freqs)], dim=1)
             kernels.append(self.kernel_pred(self.kernel_tower(k)))
         return cates, kernels
 
@@ -123,14 +151,15 @@ class MaskFeatureBranch(nn.Module):
     Input: ``[P2, P3, P4, P5]`` float ``[B, C_in, H/s, W/s]``; output float ``[B, E, H/4, W/4]`` (P2's size).
     """
 
-    def __init__(self, in_channels: int, channels: int, out_channels: int):
+    def __init__(self, in_channels: int, channels: int, out_channels: int, coord_freqs: int = 0):
         super().__init__()
+        self.coord_freqs = coord_freqs
         self.levels = nn.ModuleList()
         for i in range(4):
             convs = [_conv_gn_relu((in_channels + 2 if i == 3 else in_channels) if j == 0 else channels, channels)
                      for j in range(max(i, 1))]
             self.levels.append(nn.ModuleList(convs))
-        self.pred = _conv_gn_relu(channels, out_channels, kernel=1)
+        self.pred = _conv_gn_relu(channels + 4 * coord_freqs, out_channels, kernel=1)
 
     def forward(self, feats: list[Tensor]) -> Tensor:
         size = feats[0].shape[-2:]
@@ -145,6 +174,8 @@ class MaskFeatureBranch(nn.Module):
             if x.shape[-2:] != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             total = x if total is None else total + x
+        if self.coord_freqs:
+            total = torch.cat([total, fourier_position_features(total, self.coord_freqs)], dim=1)
         return self.pred(total)
 
 
@@ -185,8 +216,9 @@ class SOLOv2(nn.Module):
                                        with_c2=True)
         self.fpn = SOLOFPN(self.backbone.out_channels, cfg.fpn_channels)
         self.head = SOLOv2Head(cfg.fpn_channels, cfg.solo_head_channels, cfg.head_convs, cfg.mask_channels,
-                               num_classes, cfg.solo_grids, cfg.prior_prob)
-        self.mask_branch = MaskFeatureBranch(cfg.fpn_channels, cfg.mask_branch_channels, cfg.mask_channels)
+                               num_classes, cfg.solo_grids, cfg.prior_prob, cfg.solo_coord_freqs)
+        self.mask_branch = MaskFeatureBranch(cfg.fpn_channels, cfg.mask_branch_channels, cfg.mask_channels,
+                                             cfg.solo_coord_freqs)
         self.level_set_head = (nn.Conv2d(cfg.mask_channels, cfg.level_set_channels, 3, padding=1)
                                if cfg.level_set_channels > 0 else None)
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)

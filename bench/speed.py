@@ -774,6 +774,20 @@ def run_inference(name: str, *, threads: int = 2, reps: int = 5, warmup: int = 2
     return rows
 
 
+class _Recording:
+    """A box supervision that also keeps every ``MaskInstances`` it is called with (``instances``), so that its
+    loss path can be timed again on the same inputs. Reads no masks."""
+
+    uses_gt_masks = False
+
+    def __init__(self, supervision):
+        self.supervision, self.instances = supervision, []
+
+    def losses(self, instances, inputs, step):
+        self.instances.append(instances)
+        return self.supervision.losses(instances, inputs, step)
+
+
 #: the BoxLevelSet recipe timed by ``--boxlevelset`` for each config (same backbone and input size)
 BOXLEVELSET_RECIPES: dict[str, BenchSpec] = {
     "r50": BenchSpec("boxlevelset_R_50_FPN_3x", ("data.builtin=sample", "model.backbone_weights=none"), (800, 1333), 2),
@@ -813,20 +827,13 @@ def run_boxlevelset(name: str, *, device: str = "auto", reps: int = 5, warmup: i
     data = cpu_batch.to(dev)
     inputs = supervision_inputs(data, with_masks=False)
     params = [p for p in model.parameters() if p.requires_grad]
-    captured: list = []
-
-    def capture(instances, inp, step):
-        captured.append(instances)
-        return supervision.losses(instances, inp, step)
-
-    class _Capture:
-        uses_gt_masks = False
-        losses = staticmethod(capture)
+    recorder = _Recording(supervision)
+    captured = recorder.instances
 
     def step():
         captured.clear()
         opt.zero_grad(set_to_none=True)
-        losses = model.training_losses(data.images, inputs, _Capture, step=0)
+        losses = model.training_losses(data.images, inputs, recorder, step=0)
         sum(losses.values()).backward()
         if cfg.solver.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.solver.grad_clip)
@@ -875,25 +882,17 @@ def levelset_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.devi
     model = build_model(ls_cfg, num_classes).to(dev).train()
     opt = build_optimizer(model, cfg.solver)
     supervision = LevelSetSupervision(sup_cfg)
-    captured = {}
-
-    def capture(instances, inp, step):
-        captured["inst"] = instances
-        return supervision.losses(instances, inp, step)
-
-    class _Capture:
-        uses_gt_masks = False
-        losses = staticmethod(capture)
+    recorder = _Recording(supervision)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with amp():
-            losses = model.training_losses(data.images, inputs, _Capture, step=0)
+            losses = model.training_losses(data.images, inputs, recorder, step=0)
         sum(losses.values()).backward()
         opt.step()
 
     step()
-    inst = captured["inst"]
+    inst = recorder.instances[-1]
     logits0 = inst.logits.detach().float()
     feats0 = inst.level_set_feats.detach().float()
 

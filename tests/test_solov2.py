@@ -73,8 +73,8 @@ def test_fourier_position_features_values_grids_and_the_model_option(tmp_path):
         torch.testing.assert_close(f[0, 4 * k + 1, 2], (w * u).cos())
         torch.testing.assert_close(f[1, 4 * k + 2, :, 0], (w * v).sin())
         torch.testing.assert_close(f[1, 4 * k + 3, :, 3], (w * v).cos())
-    # one image point, one feature vector on every grid: the centre of coarse cell j is the edge shared by
-    # fine cells 2j and 2j+1, whose features average to it only for linear features -- check the positions
+    # one image point, one feature vector on every grid: the image centre is the centre of cell 2 of 5 and of
+    # cell 7 of 15
     coarse, fine = fourier_position_features(torch.zeros(1, 1, 1, 5), 1), fourier_position_features(torch.zeros(1, 1, 1, 15), 1)
     torch.testing.assert_close(coarse[0, :, 0, 2], fine[0, :, 0, 7])  # both the image centre
     assert fourier_position_features(torch.zeros(1, 1, 2, 2), 0).shape == (1, 0, 2, 2)

@@ -123,7 +123,7 @@ def schedule_overrides(kind: str, iterations: int) -> list[str]:
         return []
     warmup = max(1, iterations // 3)
     momentum = 1.0 - 10.0 / max(iterations, 20)
-    return [f"supervision.sim_warmup_iters={warmup}", f"supervision.sim_teacher_momentum={momentum:.6g}"]
+    return [f"supervision.sim.warmup_iters={warmup}", f"supervision.sim.teacher_momentum={momentum:.6g}"]
 
 
 def git_commit() -> str:
@@ -370,7 +370,7 @@ def boxes_given_rows(args, given, trained, cfgs, out, base, empty, val_json, ima
     from pycocotools.coco import COCO
 
     from boxmask.engine.annotate import FALLBACK_THRESHOLD, annotate_dataset, report_path
-    from boxmask.engine.baselines import annotations_to_results, filled_box_annotations, grabcut_annotations, mask_ious
+    from baselines import annotations_to_results, filled_box_annotations, grabcut_annotations, mask_ious
     from boxmask.engine.fit import FitError, fit_config, fit_to_boxes
     from boxmask.engine.inference import load_checkpoint
 

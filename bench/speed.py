@@ -51,7 +51,7 @@ sample, resized to exactly the stated size with their boxes), it measures, as me
 
 * with ``--sim``: the same network trained by ``supervision.type=sim`` (methods.md §5) with every SIM
   path active -- teacher forward, prototype update, pseudo-mask loss, bank fill and copy-paste with
-  probability 1 from a full bank, EMA update after the optimiser step -- and ``sim_inst_threshold=0`` so a
+  probability 1 from a full bank, EMA update after the optimiser step -- and ``sim.inst_threshold=0`` so a
   randomly initialised teacher's pixels all count as confident (the worst case; a trained teacher has
   fewer): ``sim_step_s`` and ``sim_overhead = sim_step_s / step_s - 1`` over the BoxInst step of the same
   line. Inference is not timed again: the teacher is training-only, a SIM checkpoint loads as the
@@ -106,9 +106,10 @@ from boxmask.data.coco import CocoInstances
 from boxmask.data.collate import Batch, collate_batch
 from boxmask.data.sample import sample_paths
 from boxmask.engine.module import build_optimizer, supervision_inputs
-from boxmask.modeling.condinst import CondInst, build_model
-from boxmask.modeling.fcos import compute_locations, fcos_losses, fcos_targets, flatten_levels
-from boxmask.supervision.base import MaskInstances, SupervisionInputs
+from boxmask.methods import supervised_losses
+from boxmask.modeling import build_model
+from boxmask.modeling.condinst import CondInst
+from boxmask.structures import MaskInstances, SupervisionInputs
 from boxmask.supervision.boxinst import BoxInstSupervision, box_masks_at_stride, pairwise_loss, projection_loss
 from boxmask.supervision.color import image_validity_masks, lab_color_similarity
 
@@ -333,28 +334,20 @@ def host_numpy_peak_bytes(fn: Callable[[], object]) -> int:
 
 # ---------------------------------------------------------------------------------------------- model pieces
 def backbone_fpn_forward(model: CondInst, images: torch.Tensor) -> list[torch.Tensor]:
-    """Normalise uint8 ``[B,3,Hp,Wp]`` images and run backbone + FPN → P3–P7 (as ``CondInst``)."""
-    x = (images.float() - model.pixel_mean) / model.pixel_std
-    return model.fpn(model.backbone(x))
+    """Normalise uint8 ``[B,3,Hp,Wp]`` images and run backbone + FPN → P3–P7 (:meth:`CondInst.fpn_features`)."""
+    return model.fpn_features(images)
 
 
 def heads_forward(model: CondInst, feats: list[torch.Tensor],
                   inputs: SupervisionInputs) -> tuple[dict[str, torch.Tensor], MaskInstances]:
     """FCOS head + targets + losses, mask branch, BoxInst instance sampling and dynamic mask head on
-    FPN features: the part of ``CondInst.training_losses`` between the FPN and the mask supervision.
+    FPN features: :meth:`CondInst.forward_train_from_fpn`, the part of a training step between the FPN and
+    the mask supervision.
 
     Returns ``(fcos_losses, instances)``; ``instances.logits`` is float ``[K,1,Hp/4,Wp/4]``.
     """
-    cls_logits, bbox_reg, ctrness, params = model.head(feats)
-    mask_feats = model.mask_branch(feats)
-    locations = [compute_locations(f.shape[-2], f.shape[-1], s, f.device) for f, s in zip(feats, model.strides)]
-    targets = fcos_targets(locations, model.strides, model.ranges, inputs.boxes, inputs.labels,
-                           model.num_classes, model.cfg.center_sampling_radius)
-    flat_cls = flatten_levels(cls_logits)
-    flat_ctr = flatten_levels(ctrness)
-    losses = fcos_losses(flat_cls, flatten_levels(bbox_reg), flat_ctr, targets, model.num_classes)
-    instances = model._sample_instances(flat_cls, flat_ctr, flatten_levels(params), locations, targets, mask_feats)
-    return losses, instances
+    out = model.forward_train_from_fpn(feats, inputs.boxes, inputs.labels)
+    return out.detector_losses, out.instance_groups[0]
 
 
 def unit_supervision_config(cfg: SupervisionConfig) -> SupervisionConfig:
@@ -546,7 +539,7 @@ def run_config(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 
     def train_step():
         opt.zero_grad(set_to_none=True)
         with amp():
-            losses = model.training_losses(data.images, inputs, supervision, step=0)
+            losses = supervised_losses(model, supervision, inputs, 0)
         sum(losses.values()).backward()
         optimizer_part()
 
@@ -778,7 +771,6 @@ class _Recording:
     """A box supervision that also keeps every ``MaskInstances`` it is called with (``instances``), so that its
     loss path can be timed again on the same inputs. Reads no masks."""
 
-    uses_gt_masks = False
 
     def __init__(self, supervision):
         self.supervision, self.instances = supervision, []
@@ -833,7 +825,7 @@ def run_boxlevelset(name: str, *, device: str = "auto", reps: int = 5, warmup: i
     def step():
         captured.clear()
         opt.zero_grad(set_to_none=True)
-        losses = model.training_losses(data.images, inputs, recorder, step=0)
+        losses = supervised_losses(model, recorder, inputs, 0)
         sum(losses.values()).backward()
         if cfg.solver.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.solver.grad_clip)
@@ -887,7 +879,7 @@ def levelset_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.devi
     def step():
         opt.zero_grad(set_to_none=True)
         with amp():
-            losses = model.training_losses(data.images, inputs, recorder, step=0)
+            losses = supervised_losses(model, recorder, inputs, 0)
         sum(losses.values()).backward()
         opt.step()
 
@@ -918,18 +910,19 @@ def sim_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.device, r
     """
     import copy
 
+    from boxmask.methods.sim import SIMMethod
     from boxmask.supervision.copy_paste import PasteEntry, box_masks_full_res
-    from boxmask.supervision.sim import ema_update_
-    from boxmask.supervision.sim_supervision import SIMSupervision
 
-    sup_cfg = dataclasses.replace(cfg.supervision, type="sim", sim_warmup_iters=0, sim_inst_threshold=0.0,
-                                  sim_paste_prob=1.0)
+    sim_cfg = copy.deepcopy(cfg)
+    sim_cfg.supervision.type = "sim"
+    sim_cfg.supervision.sim = dataclasses.replace(cfg.supervision.sim, warmup_iters=0, inst_threshold=0.0, paste_prob=1.0)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, num_classes).to(dev).train()
-    teacher = copy.deepcopy(model).requires_grad_(False).eval()
+    holder = torch.nn.Module()  # stands in for the training module: the method registers its teacher on it
+    holder.model = model = build_model(cfg.model, num_classes).to(dev).train()
+    method = SIMMethod(sim_cfg, num_classes)
+    method.setup(holder)
     opt = build_optimizer(model, cfg.solver)
-    supervision = SIMSupervision(sup_cfg, num_classes, cfg.model.mask_channels).to(dev)
-    supervision.set_teacher(teacher)
+    supervision = method.supervision.to(dev)
     hw = tuple(inputs.images.shape[-2:])
     while not supervision.bank.full:
         for b in range(inputs.images.shape[0]):
@@ -939,12 +932,12 @@ def sim_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.device, r
 
     def step():
         opt.zero_grad(set_to_none=True)
-        pasted = supervision.prepare_inputs(inputs, 1)
+        pasted = method.prepare_inputs(inputs, 1)
         with amp():
-            losses = model.training_losses(pasted.images, pasted, supervision, step=1)
+            losses = method.losses(model, pasted, 1)
         sum(losses.values()).backward()
         opt.step()
-        ema_update_(teacher, model, sup_cfg.sim_teacher_momentum)
+        method.after_optimizer_step(holder)
 
     return {"sim_step_s": time_call(step, dev, reps, warmup), "sim_bank_entries": len(supervision.bank),
             "sim_bank_bytes": supervision.bank.nbytes}

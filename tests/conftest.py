@@ -51,6 +51,26 @@ def boxinst_checkpoint(tmp_path_factory):
     return ckpt
 
 
+#: an untrained SOLOv2 detects only with these: score threshold 0 and no Matrix NMS filter
+SOLOV2_LOOSE = ["model.score_threshold=0.0", "model.mask_threshold=0.3", "model.solov2.matrix_nms_filter=0.0"]
+
+
+@pytest.fixture(scope="session")
+def boxlevelset_checkpoint(tmp_path_factory):
+    """A 2-step BoxLevelSet (SOLOv2 network) checkpoint of the tiny sample recipe (``SOLOV2_LOOSE`` inference
+    thresholds), trained through ``boxmask train``; shared by the SOLOv2 CLI/annotate tests (read-only)."""
+    from boxmask.cli import main
+
+    out = tmp_path_factory.mktemp("boxlevelset_run")
+    with _threads(1):
+        rc = main(["train", "boxlevelset_effnet-lite0_fpn_dsb2018-sample", *TINY, "model.solov2.head_channels=32",
+                   "model.mask_channels=16", f"trainer.output_dir={out}", "solver.max_iters=2", *SOLOV2_LOOSE])
+    assert rc == 0
+    ckpt = out / "checkpoints" / "model_final.ckpt"
+    assert ckpt.is_file() and json.loads((out / "summary.json").read_text())["global_step"] == 2
+    return ckpt
+
+
 @pytest.fixture(scope="session")
 def sim_run(tmp_path_factory):
     """The summary of an uninterrupted 4-step SIM run (``helpers.SIM_RUN``: copy-paste from a 2-entry bank on

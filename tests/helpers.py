@@ -16,6 +16,7 @@ from boxmask.data.collate import collate_batch
 from boxmask.data.sample import sample_paths
 from boxmask.data.transforms import build_test_transforms
 from boxmask.engine.module import supervision_inputs
+from boxmask.methods import method_class
 
 TINY = [
     "data.min_sizes=[160]", "data.max_size=320", "data.test_min_size=160", "data.test_max_size=320",
@@ -29,7 +30,10 @@ TINY = [
 
 
 def tiny_cfg(tmp_path, *extra):
-    return load_config("boxinst_effnet-lite0_fpn_dsb2018-sample", TINY + [f"trainer.output_dir={tmp_path}", *extra])
+    """The tiny sample recipe with ``extra`` overrides, checked as training checks it (config and method)."""
+    cfg = load_config("boxinst_effnet-lite0_fpn_dsb2018-sample", TINY + [f"trainer.output_dir={tmp_path}", *extra])
+    method_class(cfg)
+    return cfg
 
 
 def sample_batch(load_masks: bool):
@@ -57,9 +61,9 @@ def losses_real_and_garbage_masks(module, step: int = 5) -> list[dict]:
     batch = sample_batch(load_masks=True)
     results = []
     for b in (batch, with_garbage_masks(batch)):
-        inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
+        inputs = supervision_inputs(b, module.method.reads_gt_masks)
         assert inputs.masks is None
-        results.append(module.model.training_losses(b.images, inputs, module.supervision, step))
+        results.append(module.compute_losses(inputs, step))
     return results
 
 
@@ -81,13 +85,13 @@ def check_annotate_one_sample_image(main, ckpt, tmp_path) -> None:
 
 
 # SIM (methods.md §5): active from step 1
-SIM = ["supervision.type=sim", "supervision.sim_warmup_iters=1"]
+SIM = ["supervision.type=sim", "supervision.sim.warmup_iters=1"]
 # a randomly initialised teacher predicts M_I ~ 0.5, never above the paper's 0.7: with threshold 0 every
 # in-box pixel is in M_bin, so the prototypes really move in these short runs
-ALL_BOX_PIXELS = "supervision.sim_inst_threshold=0.0"
+ALL_BOX_PIXELS = "supervision.sim.inst_threshold=0.0"
 # a 2-entry bank is full after step 1 (batch of 2); pasting on every later step
-SIM_RUN = [*SIM, ALL_BOX_PIXELS, "supervision.sim_teacher_momentum=0.5", "supervision.sim_bank_size=2",
-           "supervision.sim_paste_prob=1.0"]
+SIM_RUN = [*SIM, ALL_BOX_PIXELS, "supervision.sim.teacher_momentum=0.5", "supervision.sim.bank_size=2",
+           "supervision.sim.paste_prob=1.0"]
 
 
 def assert_eval_output_consistent(out_dir, ann_file, max_dets: int = 100) -> dict:

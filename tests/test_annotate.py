@@ -9,7 +9,6 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-import boxmask.engine.annotate as annotate_mod
 from boxmask.cli import main
 from boxmask.data.coco import CocoInstances
 from boxmask.data.collate import collate_batch
@@ -17,7 +16,8 @@ from boxmask.data.sample import sample_paths
 from boxmask.data.transforms import build_test_transforms
 from boxmask.engine.annotate import AnnotateError, annotate_dataset, box_pixels, sidecar_path
 from boxmask.engine.inference import load_checkpoint
-from boxmask.modeling.box_conditioned import box_conditioned_masks, masks_for_boxes, projection_fit
+from boxmask.modeling.condinst import CondInstFeatures
+from boxmask.ops import projection_terms
 from boxmask.modeling.condinst import CondInst, postprocess
 from boxmask.modeling.fcos import Detections, compute_locations
 
@@ -64,7 +64,7 @@ def _crafted_model(monkeypatch, tmp_path):
     put(1, 40, 40, 0, 0.95, 0.95)   # P4 idx 74: on the corner of box B (closed box), outside box A
     mask_feats = torch.zeros(1, model.cfg.mask_channels, 8, 8)
     reg = [torch.zeros(1, 4, h, w) for h, w in sizes]  # stride-normalised l,t,r,b; zero unless a test sets it
-    monkeypatch.setattr(model, "_forward_features", lambda images: (cls, reg, ctr, params, mask_feats, locations))
+    monkeypatch.setattr(model, "features", lambda images: CondInstFeatures(cls, reg, ctr, params, mask_feats, locations))
     model._crafted_reg = reg
     calls = []
 
@@ -81,11 +81,16 @@ BOX_B = [24.0, 24.0, 40.0, 40.0]
 BOX_TINY = [30.5, 30.5, 31.5, 31.5]  # no location centre inside; nearest P3 centre to (31, 31) is (28, 28)
 
 
-def test_masks_for_boxes_picks_best_location_inside_each_box(monkeypatch, tmp_path):
+def _mask_logits(model, *args, **kwargs) -> list[torch.Tensor]:
+    """The box-conditioned mask logits ``[N_i,1,Hp/4,Wp/4]`` per image."""
+    return [r.logits for r in model.box_conditioned_masks(*args, **kwargs)]
+
+
+def test_box_conditioned_masks_picks_best_location_inside_each_box(monkeypatch, tmp_path):
     model, calls = _crafted_model(monkeypatch, tmp_path)
     images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
     boxes = [torch.tensor([BOX_A, BOX_B, BOX_TINY])]
-    out = masks_for_boxes(model, images, [(64, 64)], boxes, [torch.tensor([0, 0, 0])], rank="score", candidates=1)
+    out = _mask_logits(model, images, [(64, 64)], boxes, [torch.tensor([0, 0, 0])], rank="score", candidates=1)
     assert out[0].shape == (3, 1, 16, 16)
     # A: sigma(cls0)*sigma(ctr) is 0.54 at P4 (24,24) > 0.09 at P3 (12,12); (52,52) and (40,40) are outside
     # B: (40,40) lies on B's corner and wins; tiny: nearest P3 location (28,28) = row 3, col 3
@@ -95,11 +100,11 @@ def test_masks_for_boxes_picks_best_location_inside_each_box(monkeypatch, tmp_pa
     assert levels.tolist() == [1, 1, 0]
     # unknown class (None, or a label outside [0, C)): class-agnostic max -> the class-1 location (20,12)
     for labels in (None, [torch.tensor([-1, 0, 0])]):
-        assert masks_for_boxes(model, images, [(64, 64)], boxes, labels, rank="score",
+        assert _mask_logits(model, images, [(64, 64)], boxes, labels, rank="score",
                                candidates=1)[0][0, 0, 0, 0].item() == 10.0
 
 
-def test_masks_for_boxes_score_iou_prefers_the_location_that_regresses_the_given_box(monkeypatch, tmp_path):
+def test_box_conditioned_masks_score_iou_prefers_the_location_that_regresses_the_given_box(monkeypatch, tmp_path):
     model, _ = _crafted_model(monkeypatch, tmp_path)
     images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
     reg = model._crafted_reg
@@ -109,16 +114,16 @@ def test_masks_for_boxes_score_iou_prefers_the_location_that_regresses_the_given
     box_a = [torch.tensor([BOX_A])]
     labels = [torch.tensor([0])]
     # IoU(P4 box, A) = 23*23/(39*39 + 48*48 - 23*23) = 0.1605 -> 0.54*0.1605 = 0.0867 < 0.09*1.0
-    assert masks_for_boxes(model, images, [(64, 64)], box_a, labels, candidates=1)[0][0, 0, 0, 0].item() == 9.0
-    assert masks_for_boxes(model, images, [(64, 64)], box_a, labels, rank="score",
+    assert _mask_logits(model, images, [(64, 64)], box_a, labels, candidates=1)[0][0, 0, 0, 0].item() == 9.0
+    assert _mask_logits(model, images, [(64, 64)], box_a, labels, rank="score",
                            candidates=1)[0][0, 0, 0, 0].item() == 69.0
-    res = box_conditioned_masks(model, images, [(64, 64)], box_a, labels, candidates=1)[0]
+    res = model.box_conditioned_masks(images, [(64, 64)], box_a, labels, candidates=1)[0]
     assert res.scores.item() == pytest.approx(0.09, rel=1e-5)  # reported score is the FCOS score, no IoU factor
     with pytest.raises(ValueError, match="rank must be one of"):
-        masks_for_boxes(model, images, [(64, 64)], box_a, labels, rank="iou")
+        _mask_logits(model, images, [(64, 64)], box_a, labels, rank="iou")
 
 
-def test_masks_for_boxes_candidates_keep_the_mask_that_fits_the_box(monkeypatch, tmp_path):
+def test_box_conditioned_masks_candidates_keep_the_mask_that_fits_the_box(monkeypatch, tmp_path):
     model, calls = _crafted_model(monkeypatch, tmp_path)
     images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
 
@@ -131,39 +136,39 @@ def test_masks_for_boxes_candidates_keep_the_mask_that_fits_the_box(monkeypatch,
 
     monkeypatch.setattr(model.mask_head, "forward", head)
     box_a, labels = [torch.tensor([BOX_A])], [torch.tensor([0])]
-    one = box_conditioned_masks(model, images, [(64, 64)], box_a, labels, rank="score", candidates=1)[0]
+    one = model.box_conditioned_masks(images, [(64, 64)], box_a, labels, rank="score", candidates=1)[0]
     assert one.loc_inds.tolist() == [69]
-    two = box_conditioned_masks(model, images, [(64, 64)], box_a, labels, rank="score", candidates=2)[0]
+    two = model.box_conditioned_masks(images, [(64, 64)], box_a, labels, rank="score", candidates=2)[0]
     assert two.loc_inds.tolist() == [9] and two.scores.item() == pytest.approx(0.09, rel=1e-5)
     assert (two.logits[0, 0, :10, :10] == 10).all() and two.logits.shape == (1, 1, 16, 16)
     assert sorted(calls[-1].tolist()) == [9.0, 69.0]
     # a box with no location inside has one candidate (its nearest P3 location) whatever k is
-    tiny = box_conditioned_masks(model, images, [(64, 64)], [torch.tensor([BOX_TINY, BOX_A])],
+    tiny = model.box_conditioned_masks(images, [(64, 64)], [torch.tensor([BOX_TINY, BOX_A])],
                                  [torch.tensor([0, 0])], rank="score", candidates=3)[0]
     assert tiny.loc_inds.tolist() == [27, 9] and tiny.inside.tolist() == [False, True]
     with pytest.raises(ValueError, match="candidates must be >= 1"):
-        box_conditioned_masks(model, images, [(64, 64)], box_a, labels, candidates=0)
+        model.box_conditioned_masks(images, [(64, 64)], box_a, labels, candidates=0)
 
 
-def test_projection_fit_is_zero_for_the_box_and_grows_for_fragments():
+def test_projection_terms_are_zero_for_the_box_and_grows_for_fragments():
     box = torch.zeros(1, 8, 8)
     box[0, 2:6, 1:7] = 1
     exact = torch.where(box > 0, 20.0, -20.0)
     frag = torch.full((1, 8, 8), -20.0)
     frag[0, 3:4, 3:4] = 20.0
-    fits = projection_fit(torch.cat([exact, frag]), torch.cat([box, box]))
+    fits = projection_terms(torch.cat([exact, frag]), torch.cat([box, box]))
     assert fits[0].item() == pytest.approx(0.0, abs=1e-5)
     # fragment: x projection 1 of 6 columns -> dice 1 - 2/7; y projection 1 of 4 rows -> 1 - 2/5
     assert fits[1].item() == pytest.approx((1 - 2 / 7) + (1 - 2 / 5), rel=1e-4)
 
 
-def test_masks_for_boxes_batch_with_an_image_without_boxes(monkeypatch, tmp_path):
+def test_box_conditioned_masks_batch_with_an_image_without_boxes(monkeypatch, tmp_path):
     model, calls = _crafted_model(monkeypatch, tmp_path)
     images = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
-    out = masks_for_boxes(model, images, [(64, 64)], [torch.zeros(0, 4)], None)
+    out = _mask_logits(model, images, [(64, 64)], [torch.zeros(0, 4)], None)
     assert out[0].shape == (0, 1, 16, 16) and not calls
     with pytest.raises(ValueError, match="1 images but 2 box lists"):
-        masks_for_boxes(model, images, [(64, 64)], [torch.zeros(0, 4)] * 2)
+        _mask_logits(model, images, [(64, 64)], [torch.zeros(0, 4)] * 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,7 +223,7 @@ def test_annotate_keeps_every_annotation_with_valid_rle_inside_its_box(trained, 
                        check_images=False, verbose=False)
     batch = collate_batch([ds[0]])
     t = batch.targets[0]
-    logits = masks_for_boxes(model, batch.images, batch.image_sizes, [t["boxes"]], [t["labels"]])[0]
+    logits = _mask_logits(model, batch.images, batch.image_sizes, [t["boxes"]], [t["labels"]])[0]
     n = len(t["boxes"])
     det = Detections(t["boxes"], torch.ones(n), t["labels"], torch.zeros(n, 1), torch.zeros(n, 2), torch.zeros(n, dtype=torch.int64))
     expected = postprocess(det, logits, batch.image_sizes[0], batch.orig_sizes[0], 4, cfg.model.mask_threshold).masks
@@ -287,7 +292,7 @@ def test_interrupted_run_resumes_to_the_same_output(trained, tmp_path, monkeypat
     annotate_dataset(model, cfg, meta, p["val_json"], p["image_dir"], straight, progress=False)
 
     out = tmp_path / "resumed.json"
-    real = annotate_mod.box_conditioned_masks
+    real = model.box_conditioned_masks
     calls, dying = [], [True]
 
     def dies_on_fifth_image(*args, **kwargs):
@@ -296,7 +301,7 @@ def test_interrupted_run_resumes_to_the_same_output(trained, tmp_path, monkeypat
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(annotate_mod, "box_conditioned_masks", dies_on_fifth_image)
+    monkeypatch.setattr(model, "box_conditioned_masks", dies_on_fifth_image)
     with pytest.raises(KeyboardInterrupt):
         annotate_dataset(model, cfg, meta, p["val_json"], p["image_dir"], out, progress=False, save_every=1)
     side = sidecar_path(out)

@@ -16,7 +16,7 @@ from boxmask.data.transforms import BoxAdaptiveResize, build_photometric
 from boxmask.engine.annotate import annotate_dataset, box_pixels, mask_quality, report_path
 from boxmask.engine.fit import FitError, default_fit_steps, fit_config, fit_dir_for, fit_to_boxes
 from boxmask.engine.inference import load_checkpoint, load_model_weights
-from boxmask.modeling.condinst import build_model
+from boxmask.modeling import build_model
 
 
 FIT_OVERRIDES = ["data.num_workers=0", "data.check_images=false", "data.box_size_max=320", "trainer.accelerator=cpu",

@@ -1,8 +1,11 @@
-"""Boxes-given baselines: GrabCut inside a box, the filled GT box, mean mask IoU per annotation."""
+"""Boxes-given baselines of the quality benchmark (``bench/baselines.py``): GrabCut inside a box, the filled GT
+box, mean mask IoU per annotation."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from boxmask.data.coco import DatasetError
-from boxmask.engine.baselines import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from baselines import (  # noqa: E402
     annotations_to_results,
     filled_box_annotations,
     grabcut_annotations,

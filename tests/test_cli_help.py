@@ -123,9 +123,9 @@ def test_recipe_summaries_come_from_the_files():
 
 def test_recipe_description_is_the_first_comment_line(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("\n# My recipe: nuts at 512 px.\n# details\nmethod: boxinst\n")
+    path.write_text("\n# My recipe: nuts at 512 px.\n# details\nsupervision:\n  type: boxinst\n")
     assert recipe_description(path) == "My recipe: nuts at 512 px."
-    path.write_text("method: boxinst  # not a header\n")
+    path.write_text("supervision:  # not a header\n  type: boxinst\n")
     assert recipe_description(path) == ""
 
 
@@ -145,7 +145,7 @@ def test_recipes_name_prints_the_resolved_recipe(capsys, tmp_path):
 def test_template_recipe_is_listed_and_printed(tmp_path, capsys):
     """A recipe whose data paths are filled in later (e.g. by a tool) still has a summary and a resolved view."""
     path = tmp_path / "template.yaml"
-    path.write_text("# Template: data given at run time.\nmethod: boxinst\ndata:\n  train_json: ''\n")
+    path.write_text("# Template: data given at run time.\nsupervision:\n  type: boxinst\ndata:\n  train_json: ''\n")
     info = recipe_info(path)
     assert (info.method, info.dataset, info.description) == ("boxinst", "-", "Template: data given at run time.")
     assert main(["recipes", str(path)]) == 0

@@ -11,7 +11,8 @@ from boxmask.supervision.copy_paste import (
     MemoryBank,
     PasteEntry,
     box_masks_full_res,
-    paste_entry_from_probs,
+    paste_entry,
+    paste_masks_and_scores,
     paste_instances,
     select_instances,
 )
@@ -254,7 +255,11 @@ def test_paste_entry_validation_and_nbytes():
         PasteEntry(_image(0), e.masks, e.labels, e.labels)
 
 
-def test_paste_entry_from_probs():
+def _entry_from_probs(image, probs, box_masks, labels, max_instances=None):
+    return paste_entry(image, *paste_masks_and_scores(probs, box_masks), labels, max_instances)
+
+
+def test_paste_entry_from_teacher_probabilities():
     probs = torch.zeros(3, H, W)
     probs[0, 0:4, 0:4] = 0.9
     probs[0, 0:2, 0:2] = 0.8
@@ -262,12 +267,19 @@ def test_paste_entry_from_probs():
     probs[1] = 0.6                                    # never above 0.7: dropped
     probs[2, 2:3, 2:5] = 1.0
     boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 12.0, 10.0], [0.0, 0.0, 12.0, 10.0]])
-    e = paste_entry_from_probs(_image(1), probs, box_masks_full_res(boxes, (H, W)), torch.tensor([5, 6, 7]))
-    assert e.labels.tolist() == [5, 7]
-    assert torch.equal(e.masks[0], _rect(H, W, (0, 4), (0, 4)))
-    assert torch.equal(e.masks[1], _rect(H, W, (2, 3), (2, 5)))
-    assert e.scores[0].item() == pytest.approx((12 * 0.9 + 4 * 0.8) / 16)
-    assert e.scores[1].item() == pytest.approx(1.0)
+    e = _entry_from_probs(_image(1), probs, box_masks_full_res(boxes, (H, W)), torch.tensor([5, 6, 7]))
+    # the non-empty instances, highest score first
+    assert e.labels.tolist() == [7, 5]
+    assert torch.equal(e.masks[0], _rect(H, W, (2, 3), (2, 5)))
+    assert torch.equal(e.masks[1], _rect(H, W, (0, 4), (0, 4)))
+    assert e.scores[0].item() == pytest.approx(1.0)
+    assert e.scores[1].item() == pytest.approx((12 * 0.9 + 4 * 0.8) / 16)
+    # at most max_instances, the best ones; nothing left -> no entry
+    one = _entry_from_probs(_image(1), probs, box_masks_full_res(boxes, (H, W)), torch.tensor([5, 6, 7]), 1)
+    assert one.labels.tolist() == [7]
+    assert _entry_from_probs(_image(1), probs[1:2], box_masks_full_res(boxes[1:2], (H, W)), torch.tensor([6])) is None
+    with pytest.raises(ValueError, match="scores must be"):
+        paste_entry(_image(1), torch.zeros(2, H, W, dtype=torch.bool), torch.zeros(3), torch.tensor([0, 1]))
 
 
 def test_bank_fifo_order_capacity_and_copy():
@@ -424,8 +436,8 @@ def test_bank_select_paste_end_to_end():
         probs = torch.rand(4, 14, 16, generator=g)
         boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 16.0, 14.0], [2.0, 6.0, 9.0, 12.0],
                               [10.0, 0.0, 16.0, 5.0]])
-        bank.push(paste_entry_from_probs(_image(30 + i, 14, 16), probs, box_masks_full_res(boxes, (14, 16)),
-                                         torch.arange(4)))
+        bank.push(_entry_from_probs(_image(30 + i, 14, 16), probs, box_masks_full_res(boxes, (14, 16)),
+                                    torch.arange(4)))
     assert bank.full
     entry = bank.sample(g)
     idx = select_instances(entry.scores, g)

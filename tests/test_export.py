@@ -20,13 +20,14 @@ from boxmask.data.sample import sample_paths
 from boxmask.engine.export import (ExportError, OnnxModel, aligned_upsample_crop, export_onnx, read_metadata,
                                    require_onnx)
 from boxmask.engine.inference import load_checkpoint
-from boxmask.modeling.condinst import aligned_bilinear, build_model
+from boxmask.modeling import build_model
+from boxmask.ops import aligned_bilinear
 from boxmask.modeling.fcos import flatten_levels
 from boxmask.modeling.solov2 import point_nms
 
 from helpers import TINY
 
-SOLO = ["model.arch=solov2", "model.solo_head_channels=32", "model.mask_channels=16", "model.level_set_channels=0"]
+SOLO = ["model.arch=solov2", "model.solov2.head_channels=32", "model.mask_channels=16", "model.level_set_channels=0"]
 #: the two input sizes the one dynamic model is run at (H, W); neither a multiple of 32
 SIZES = ((160, 200), (216, 264))
 #: candidate detections per image above the crafted score threshold (before NMS)
@@ -49,11 +50,10 @@ def _candidate_scores(model, images: torch.Tensor) -> torch.Tensor:
     """Per-image candidate scores the family thresholds: σ(cls)·σ(ctr) (CondInst) or point-NMS'ed category
     probabilities (SOLOv2), ``[B, N]``."""
     with torch.no_grad():
+        f = model.features(_pad32(images))
         if model.cfg.arch == "solov2":
-            cates, _, _ = model._forward_features(_pad32(images))
-            return torch.cat([point_nms(c.sigmoid()).flatten(1) for c in cates], 1)
-        cls, _, ctr, _, _, _ = model._forward_features(_pad32(images))
-        return (flatten_levels(cls).sigmoid() * flatten_levels(ctr).sigmoid()).flatten(1)
+            return torch.cat([point_nms(c.sigmoid()).flatten(1) for c in f.cates], 1)
+        return (flatten_levels(f.cls_logits).sigmoid() * flatten_levels(f.ctrness).sigmoid()).flatten(1)
 
 
 def crafted_checkpoint(path, family: str, seed: int = 0) -> str:
@@ -71,7 +71,7 @@ def crafted_checkpoint(path, family: str, seed: int = 0) -> str:
             m.momentum = None
     model.train()
     with torch.no_grad():
-        model._forward_features(_pad32(_sample_batch(SIZES[0])))
+        model.features(_pad32(_sample_batch(SIZES[0])))
     model.eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from boxmask.config import SupervisionConfig
-from boxmask.supervision import build_supervision
+from boxmask.methods import method_for
 from boxmask.supervision.base import MaskInstances, SupervisionInputs
 from boxmask.supervision.boxinst import BoxInstSupervision, box_masks_at_stride, projection_loss
 from boxmask.supervision.full import FullMaskSupervision, MixedSupervision, dice_loss, gt_masks_at_stride
+from helpers import tiny_cfg
 
 torch.set_num_threads(1)
 
@@ -231,10 +232,12 @@ def test_missing_masks_raise():
         FullMaskSupervision(CFG).losses(inst, wrong, 0)
 
 
-def test_build_supervision_types():
-    assert isinstance(build_supervision(SupervisionConfig(type="full")), FullMaskSupervision)
-    assert isinstance(build_supervision(SupervisionConfig(type="mixed")), MixedSupervision)
-    assert FullMaskSupervision.uses_gt_masks and MixedSupervision.uses_gt_masks
+def test_mask_methods_build_their_supervision_and_read_masks(tmp_path):
+    full = method_for(tiny_cfg(tmp_path, "supervision.type=full"), 1)
+    mixed = method_for(tiny_cfg(tmp_path, "supervision.type=mixed"), 1)
+    assert isinstance(full.supervision, FullMaskSupervision) and isinstance(mixed.supervision, MixedSupervision)
+    assert full.reads_gt_masks and mixed.reads_gt_masks
+    assert not method_for(tiny_cfg(tmp_path), 1).reads_gt_masks
 
 
 # ---------------------------------------------------------------- integration with the model
@@ -242,7 +245,7 @@ def test_build_supervision_types():
 
 def test_full_supervision_reads_the_real_masks(tmp_path, garbage_masks):
     """The opposite of the box-supervised guarantee: garbage masks change loss_mask (and nothing else)."""
-    from helpers import sample_batch, tiny_cfg
+    from helpers import sample_batch
 
     from boxmask.engine.module import BoxMaskModule, supervision_inputs
 
@@ -256,9 +259,9 @@ def test_full_supervision_reads_the_real_masks(tmp_path, garbage_masks):
     losses = []
     with torch.no_grad():
         for b in (batch, garbage):
-            inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
+            inputs = supervision_inputs(b, module.method.reads_gt_masks)
             assert inputs.masks is not None
-            out = module.model.training_losses(b.images, inputs, module.supervision, 5)
+            out = module.compute_losses(inputs, 5)
             losses.append({k: v.item() for k, v in out.items()})
     real, bad = losses
     assert "loss_mask" in real and "loss_proj" not in real

@@ -63,8 +63,8 @@ COMMON = ["data.min_sizes=[160]", "data.max_size=320", "data.test_min_size=160",
 LEVELSET_ON_CONDINST = ["supervision.type=levelset", "model.level_set_channels=5", "supervision.projection_weight=3.0"]
 # SIM active from step 1; threshold 0 so that the randomly initialised teacher's masks fill the bank; a bank of
 # one entry that is full after one step, and a paste on every step once it is full
-SIM = ["supervision.type=sim", "supervision.sim_warmup_iters=1", "supervision.sim_inst_threshold=0.0",
-       "supervision.sim_bank_size=1", "supervision.sim_paste_prob=1.0"]
+SIM = ["supervision.type=sim", "supervision.sim.warmup_iters=1", "supervision.sim.inst_threshold=0.0",
+       "supervision.sim.bank_size=1", "supervision.sim.paste_prob=1.0"]
 
 #: method -> (recipe, overrides, whether the batch carries GT masks)
 METHODS = {
@@ -81,7 +81,7 @@ STEP = 50
 PREDICT = {
     "condinst": (BOXINST_RECIPE, ["model.score_threshold=0.0", "model.max_detections=20"]),
     "solov2": (BOXLEVELSET_RECIPE, ["model.score_threshold=0.0", "model.mask_threshold=0.3",
-                                    "model.matrix_nms_filter=0.0", "model.max_detections=20"]),
+                                    "model.solov2.matrix_nms_filter=0.0", "model.max_detections=20"]),
 }
 
 
@@ -114,8 +114,8 @@ def _module(recipe: str, overrides: list[str]) -> BoxMaskModule:
 def _step_losses(module: BoxMaskModule, batch, step: int) -> dict[str, float]:
     """One training step's loss dict, computed as ``BoxMaskModule.training_step`` does (no optimiser step)."""
     torch.manual_seed(1000 + step)
-    inputs = module.supervision.prepare_inputs(supervision_inputs(batch, module.supervision.uses_gt_masks), step)
-    losses = module.model.training_losses(inputs.images, inputs, module.supervision, step)
+    inputs = module.method.prepare_inputs(supervision_inputs(batch, module.method.reads_gt_masks), step)
+    losses = module.compute_losses(inputs, step)
     return {k: float(v.detach()) for k, v in sorted(losses.items())}
 
 

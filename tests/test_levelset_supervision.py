@@ -8,7 +8,7 @@ from boxmask.config import ConfigError
 from boxmask.engine.inference import load_checkpoint
 from boxmask.engine.module import BoxMaskModule
 from boxmask.engine.train import train
-from boxmask.supervision import build_supervision
+from boxmask.methods import method_for
 from boxmask.supervision.levelset import LevelSetSupervision
 from helpers import losses_real_and_garbage_masks, tiny_cfg
 
@@ -19,7 +19,7 @@ def test_levelset_needs_the_level_set_head(tmp_path):
     with pytest.raises(ConfigError, match="model.level_set_channels"):
         tiny_cfg(tmp_path, "supervision.type=levelset")
     cfg = tiny_cfg(tmp_path, *LEVELSET)
-    assert isinstance(build_supervision(cfg.supervision), LevelSetSupervision)
+    assert isinstance(method_for(cfg, 1).supervision, LevelSetSupervision)
 
 
 def test_levelset_losses_ignore_gt_masks_and_train_mask_and_level_set_heads(tmp_path):

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from boxmask.engine.module import BoxMaskModule, supervision_inputs
+from boxmask.supervision import sim_supervision
 from boxmask.supervision.boxinst import instance_box_masks
 from boxmask.supervision.copy_paste import PasteEntry
 from boxmask.supervision.sim import feature_similarity, pseudo_mask_loss
 from helpers import ALL_BOX_PIXELS, SIM, check_annotate_one_sample_image, sample_batch, tiny_cfg
 
-PASTE = [*SIM, "supervision.sim_bank_size=1", "supervision.sim_paste_prob=1.0"]
+PASTE = [*SIM, "supervision.sim.bank_size=1", "supervision.sim.paste_prob=1.0"]
 
 
 def _module(tmp_path, *extra) -> BoxMaskModule:
@@ -32,9 +33,9 @@ def _spy(module):
     captured = {}
     losses = module.supervision.losses
 
-    def spy(instances, inputs, step):
+    def spy(instances, inputs, step, sim_inputs=None):
         captured["instances"], captured["inputs"] = instances, inputs
-        return losses(instances, inputs, step)
+        return losses(instances, inputs, step, sim_inputs)
 
     module.supervision.losses = spy
     return captured
@@ -49,7 +50,7 @@ def test_prepare_inputs_pastes_from_a_full_bank(tmp_path):
     # no-ops: before the warm-up, with a bank that is not full, with paste probability 0
     assert sup.prepare_inputs(inputs, 5) is inputs
     sup.bank.push(_entry(hw))
-    assert sup.prepare_inputs(inputs, 0) is inputs, "sim_warmup_iters=1: no paste at step 0"
+    assert sup.prepare_inputs(inputs, 0) is inputs, "sim.warmup_iters=1: no paste at step 0"
     images_before = batch.images.clone()
     out = sup.prepare_inputs(inputs, 5)
     assert out is not inputs and torch.equal(batch.images, images_before), "the input batch is not modified"
@@ -75,7 +76,7 @@ def test_prepare_inputs_pastes_from_a_full_bank(tmp_path):
         for ob in out.boxes[b][:-1]:
             assert any(bool((ob[:2] >= ib[:2] - 1e-4).all() and (ob[2:] <= ib[2:] + 1e-4).all())
                        for ib in inputs.boxes[b])
-    cfg_off = tiny_cfg(tmp_path, *PASTE, "supervision.sim_paste_prob=0.0").supervision
+    cfg_off = tiny_cfg(tmp_path, *PASTE, "supervision.sim.paste_prob=0.0").supervision
     sup.cfg = cfg_off
     assert sup.prepare_inputs(inputs, 5) is inputs
 
@@ -88,8 +89,8 @@ def test_paste_loss_on_pasted_positives(tmp_path):
     module.supervision.bank.push(_entry(hw))
     captured = _spy(module)
     step = 5
-    inputs = module.supervision.prepare_inputs(supervision_inputs(batch, False), step)
-    losses = module.model.training_losses(inputs.images, inputs, module.supervision, step)
+    inputs = module.method.prepare_inputs(supervision_inputs(batch, False), step)
+    losses = module.compute_losses(inputs, step)
     inst = captured["instances"]
     assert set(losses) >= {"loss_proj", "loss_pairwise", "loss_pseudo", "loss_paste"}
     # hand computation: positives whose GT is the pasted object, target = paste mask sampled at stride 4
@@ -112,17 +113,16 @@ def test_paste_loss_on_pasted_positives(tmp_path):
     assert all(p.grad is None for p in module.teacher.parameters())
 
 
-def _spy_box_masks(module):
+def _spy_box_masks(monkeypatch):
     """Records the instances and the ``box_masks`` SIM hands to its BoxInst projection + pairwise losses."""
     captured = {}
-    boxinst = module.supervision.boxinst
-    losses = boxinst.losses
+    losses = sim_supervision.boxinst_losses
 
-    def spy(instances, inputs, step, **kwargs):
+    def spy(cfg, instances, inputs, step, **kwargs):
         captured["instances"], captured["inputs"], captured["box_masks"] = instances, inputs, kwargs.get("box_masks")
-        return losses(instances, inputs, step, **kwargs)
+        return losses(cfg, instances, inputs, step, **kwargs)
 
-    boxinst.losses = spy
+    monkeypatch.setattr(sim_supervision, "boxinst_losses", spy)
     return captured
 
 
@@ -135,19 +135,19 @@ def _l_shaped_entry(hw: tuple[int, int]) -> PasteEntry:
     return PasteEntry(entry.image, masks, entry.labels, entry.scores)
 
 
-def test_paste_loss_zero_without_pastes_and_box_masks_replaced(tmp_path):
+def test_paste_loss_zero_without_pastes_and_box_masks_replaced(tmp_path, monkeypatch):
     # no paste (probability 0, full bank): loss_paste is a zero connected to the graph, BoxInst gets the plain
     # box masks of the positives
-    module = _module(tmp_path, "supervision.sim_paste_prob=0.0")
+    module = _module(tmp_path, "supervision.sim.paste_prob=0.0")
     module.model.eval()
     batch = sample_batch(load_masks=False)
     hw = tuple(batch.images.shape[-2:])
     module.supervision.bank.push(_l_shaped_entry(hw))
     assert module.supervision.bank.full
-    seen = _spy_box_masks(module)
-    inputs = module.supervision.prepare_inputs(supervision_inputs(batch, False), 5)
+    seen = _spy_box_masks(monkeypatch)
+    inputs = module.method.prepare_inputs(supervision_inputs(batch, False), 5)
     assert inputs.pasted is None
-    losses = module.model.training_losses(inputs.images, inputs, module.supervision, 5)
+    losses = module.compute_losses(inputs, 5)
     assert losses["loss_paste"].item() == 0 and losses["loss_paste"].requires_grad
     assert torch.equal(seen["box_masks"], instance_box_masks(seen["instances"], inputs))
 
@@ -156,10 +156,10 @@ def test_paste_loss_zero_without_pastes_and_box_masks_replaced(tmp_path):
     module = _module(tmp_path)
     module.model.eval()
     module.supervision.bank.push(_l_shaped_entry(hw))
-    seen = _spy_box_masks(module)
-    inputs = module.supervision.prepare_inputs(supervision_inputs(batch, False), 5)
+    seen = _spy_box_masks(monkeypatch)
+    inputs = module.method.prepare_inputs(supervision_inputs(batch, False), 5)
     assert inputs.pasted is not None and all(bool(p.any()) for p in inputs.pasted)
-    losses = module.model.training_losses(inputs.images, inputs, module.supervision, 5)
+    losses = module.compute_losses(inputs, 5)
     inst, box_masks = seen["instances"], seen["box_masks"]
     plain = instance_box_masks(inst, inputs)
     pasted = [bool(inputs.pasted[int(inst.im_inds[k])][int(inst.gt_inds[k])]) for k in range(len(inst))]
@@ -175,14 +175,14 @@ def test_paste_loss_zero_without_pastes_and_box_masks_replaced(tmp_path):
 
 
 def test_bank_fill_from_teacher_instance_maps(tmp_path):
-    module = _module(tmp_path, ALL_BOX_PIXELS, "supervision.sim_bank_size=4", "supervision.sim_bank_max_instances=3")
+    module = _module(tmp_path, ALL_BOX_PIXELS, "supervision.sim.bank_size=4", "supervision.sim.bank_max_instances=3")
     module.model.eval()
     batch = sample_batch(load_masks=False)
     captured = _spy(module)
     inputs = supervision_inputs(batch, False)
-    module.model.training_losses(batch.images, inputs, module.supervision, 0)
+    module.compute_losses(inputs, 0)
     assert len(module.supervision.bank) == 0, "no bank fill during the warm-up"
-    module.model.training_losses(batch.images, inputs, module.supervision, 1)
+    module.compute_losses(inputs, 1)
     inst = captured["instances"]
     bank = module.supervision.bank
     images_with_positives = torch.unique(inst.im_inds).tolist()
@@ -202,21 +202,21 @@ def test_bank_fill_from_teacher_instance_maps(tmp_path):
 
 
 def test_bank_is_module_state_and_restores(tmp_path):
-    module = _module(tmp_path, "supervision.sim_bank_size=2")
+    module = _module(tmp_path, "supervision.sim.bank_size=2")
     hw = (64, 96)
     module.supervision.bank.push(_entry(hw))
     state = module.state_dict()
     assert "supervision._extra_state" in state
-    other = _module(tmp_path, "supervision.sim_bank_size=2")
+    other = _module(tmp_path, "supervision.sim.bank_size=2")
     assert len(other.supervision.bank) == 0
     other.load_state_dict(state)
     (restored,) = other.supervision.bank.entries
     assert torch.equal(restored.masks, _entry(hw).masks) and torch.equal(restored.image, _entry(hw).image)
-    off = _module(tmp_path, "supervision.sim_copy_paste=false")
+    off = _module(tmp_path, "supervision.sim.copy_paste=false")
     assert off.supervision.bank is None
-    with pytest.raises(ValueError, match="sim_copy_paste"):
+    with pytest.raises(ValueError, match="sim.copy_paste"):
         off.load_state_dict(state)
-    small = _module(tmp_path, "supervision.sim_bank_size=1")
+    small = _module(tmp_path, "supervision.sim.bank_size=1")
     with pytest.raises(ValueError, match="capacity"):
         small.load_state_dict(state)
 
@@ -235,14 +235,14 @@ def test_feature_similarity_hand_case():
 
 
 def test_feature_aware_pairwise_option(tmp_path):
-    """sim_pairwise_features gates the pairwise edges by S_feat * S_LAB: fewer edges, a different loss."""
+    """sim.pairwise_features gates the pairwise edges by S_feat * S_LAB: fewer edges, a different loss."""
     batch = sample_batch(load_masks=False)
     out = {}
     for flag in (False, True):
-        module = _module(tmp_path, f"supervision.sim_pairwise_features={str(flag).lower()}",
-                         "supervision.sim_paste_prob=0.0")
+        module = _module(tmp_path, f"supervision.sim.pairwise_features={str(flag).lower()}",
+                         "supervision.sim.paste_prob=0.0")
         module.model.eval()
-        out[flag] = module.model.training_losses(batch.images, supervision_inputs(batch, False), module.supervision, 5)
+        out[flag] = module.compute_losses(supervision_inputs(batch, False), 5)
     assert out[True]["loss_proj"].item() == pytest.approx(out[False]["loss_proj"].item(), rel=1e-6)
     assert out[True]["loss_pairwise"].item() != pytest.approx(out[False]["loss_pairwise"].item(), rel=1e-3)
 
@@ -255,7 +255,7 @@ def test_cli_train_eval_predict_annotate_with_sim(sim_run, tmp_path, capsys):
     from boxmask.cli import main
     from boxmask.data.sample import sample_paths
     from boxmask.engine.inference import load_checkpoint
-    from boxmask.modeling.condinst import build_model
+    from boxmask.modeling import build_model
 
     ckpt = sim_run["checkpoint"]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
@@ -290,7 +290,7 @@ def test_paste_loss_modes_and_pseudo_weight_ramp(tmp_path):
     focal = (at * (1 - pt) ** 2 * torch.nn.functional.binary_cross_entropy_with_logits(
         logits, target, reduction="none")).sum() / (4 + 1)
     assert paste_loss(logits, target, "code").item() == pytest.approx(focal.item() + dice.item(), rel=1e-5)
-    module = _module(tmp_path, "supervision.sim_pseudo_ramp_iters=100", "supervision.sim_pseudo_weight=0.3")
+    module = _module(tmp_path, "supervision.sim.pseudo_ramp_iters=100", "supervision.sim.pseudo_weight=0.3")
     assert module.supervision.pseudo_weight(50) == pytest.approx(0.15)
     assert module.supervision.pseudo_weight(500) == pytest.approx(0.3)
     assert _module(tmp_path).supervision.pseudo_weight(50) == 0.5

@@ -17,8 +17,10 @@ from boxmask.config import ConfigError, SupervisionConfig
 from boxmask.engine.inference import load_checkpoint
 from boxmask.engine.module import BoxMaskModule, supervision_inputs
 from boxmask.engine.train import train
+from boxmask.methods import supervised_losses
+from boxmask.methods.sim import teacher_inputs
 from boxmask.modeling.condinst import CondInst
-from boxmask.supervision import build_supervision
+from boxmask.supervision.boxinst import BoxInstSupervision
 from boxmask.supervision.sim_supervision import SIMSupervision
 from helpers import ALL_BOX_PIXELS, SIM, SIM_RUN, sample_batch, tiny_cfg
 
@@ -29,30 +31,30 @@ def _module(tmp_path, *extra) -> BoxMaskModule:
 
 
 def _losses(module: BoxMaskModule, batch, step: int) -> dict[str, torch.Tensor]:
-    inputs = supervision_inputs(batch, module.supervision.uses_gt_masks)
+    inputs = supervision_inputs(batch, module.method.reads_gt_masks)
     assert inputs.masks is None and inputs.has_mask is None
-    return module.model.training_losses(batch.images, inputs, module.supervision, step)
+    return module.compute_losses(inputs, step)
 
 
 def test_sim_config_defaults_and_validation(tmp_path):
     sup = SupervisionConfig()
-    assert (sup.sim_teacher_momentum, sup.sim_num_prototypes, sup.sim_prototype_momentum) == (0.9999, 10, 0.999)
-    assert (sup.sim_temperature, sup.sim_instance_map, sup.sim_pseudo_loss, sup.sim_warmup_iters) == (0.1, "iou", "paper", 10000)
-    assert sup.sim_high_range == [0.7, 0.8] and sup.sim_pseudo_weight == 0.5
+    assert (sup.sim.teacher_momentum, sup.sim.num_prototypes, sup.sim.prototype_momentum) == (0.9999, 10, 0.999)
+    assert (sup.sim.temperature, sup.sim.instance_map, sup.sim.pseudo_loss, sup.sim.warmup_iters) == (0.1, "iou", "paper", 10000)
+    assert sup.sim.high_range == [0.7, 0.8] and sup.sim.pseudo_weight == 0.5
     with pytest.raises(ConfigError, match="model.arch=condinst"):
         tiny_cfg(tmp_path, *SIM, "model.arch=solov2")
-    with pytest.raises(ConfigError, match="sim_instance_map"):
-        tiny_cfg(tmp_path, *SIM, "supervision.sim_instance_map=median")
-    with pytest.raises(ConfigError, match="sim_pseudo_loss"):
-        tiny_cfg(tmp_path, *SIM, "supervision.sim_pseudo_loss=dice")
-    with pytest.raises(ConfigError, match="sim_high_range"):
-        tiny_cfg(tmp_path, *SIM, "supervision.sim_high_range=[0.8,0.7]")
+    with pytest.raises(ConfigError, match="sim.instance_map"):
+        tiny_cfg(tmp_path, *SIM, "supervision.sim.instance_map=median")
+    with pytest.raises(ConfigError, match="sim.pseudo_loss"):
+        tiny_cfg(tmp_path, *SIM, "supervision.sim.pseudo_loss=dice")
+    with pytest.raises(ConfigError, match="sim.high_range"):
+        tiny_cfg(tmp_path, *SIM, "supervision.sim.high_range=[0.8,0.7]")
     # non-SIM recipes ignore the sim_* fields
-    tiny_cfg(tmp_path, "supervision.sim_pseudo_loss=dice")
+    tiny_cfg(tmp_path, "supervision.sim.pseudo_loss=dice")
     cfg = tiny_cfg(tmp_path, *SIM)
     with pytest.raises(ValueError, match="num_classes"):
-        build_supervision(cfg.supervision)
-    sup = build_supervision(cfg.supervision, num_classes=3, mask_channels=16)
+        SIMSupervision(cfg.supervision, 0, 16)
+    sup = SIMSupervision(cfg.supervision, 3, 16)
     assert isinstance(sup, SIMSupervision) and sup.prototypes.shape == (3, 10, 16)
     assert torch.allclose(sup.prototypes.norm(dim=2), torch.ones(3, 10))
 
@@ -60,7 +62,7 @@ def test_sim_config_defaults_and_validation(tmp_path):
 def test_sim_module_owns_teacher_and_prototypes(tmp_path):
     module = _module(tmp_path)
     teacher, student, sup = module.teacher, module.model, module.supervision
-    assert isinstance(teacher, CondInst) and teacher is not student and sup.teacher is teacher
+    assert isinstance(teacher, CondInst) and teacher is not student and module.method.teacher is teacher
     assert list(sup.children()) == [], "the teacher is not a submodule of the supervision"
     for (nt, pt), (ns, ps) in zip(teacher.named_parameters(), student.named_parameters()):
         assert nt == ns and torch.equal(pt, ps) and not pt.requires_grad
@@ -74,7 +76,7 @@ def test_sim_module_owns_teacher_and_prototypes(tmp_path):
     assert not any(id(p) in teacher_ids for g in opt.param_groups for p in g["params"])
     # the other supervisions stay plain objects without a teacher
     plain = BoxMaskModule(tiny_cfg(tmp_path).to_dict(), ["nucleus"], [1])
-    assert plain.teacher is None and not isinstance(plain.supervision, torch.nn.Module)
+    assert getattr(plain, "teacher", None) is None and not isinstance(plain.supervision, torch.nn.Module)
 
 
 def test_teacher_reruns_the_students_positives(tmp_path):
@@ -83,24 +85,26 @@ def test_teacher_reruns_the_students_positives(tmp_path):
     module.model.eval()  # same BN statistics as the (always eval) teacher
     batch = sample_batch(load_masks=False)
     captured = {}
-    losses = module.supervision.losses
+    forward_train = module.model.forward_train
 
-    def spy(instances, inputs, step):
-        captured["instances"] = instances
-        return losses(instances, inputs, step)
+    def spy(*args):
+        captured["out"] = forward_train(*args)
+        return captured["out"]
 
-    module.supervision.losses = spy
+    module.model.forward_train = spy
     _losses(module, batch, 0)
-    inst = captured["instances"]
-    assert len(inst) > 0 and inst.pred_boxes.shape == (len(inst), 4) and inst.mask_feats.shape[1] == 16
+    out = captured["out"]
+    inst, pos = out.instance_groups[0], out.positives
+    assert len(inst) > 0 and pos.pred_boxes.shape == (len(inst), 4) and out.features.mask_feats.shape[1] == 16
     # the positive's FCOS location lies inside the box it regresses
-    assert ((inst.pred_boxes[:, :2] <= inst.locations) & (inst.locations <= inst.pred_boxes[:, 2:])).all()
-    with torch.no_grad():
-        probs, feats = module.supervision._teacher_outputs(batch.images, inst, tuple(inst.logits.shape[-2:]))
+    assert ((pos.pred_boxes[:, :2] <= pos.locations) & (pos.locations <= pos.pred_boxes[:, 2:])).all()
+    sim_inputs = teacher_inputs(module.teacher, out, batch.images, inst)
+    probs, feats = sim_inputs.teacher_probs, sim_inputs.teacher_feats
+    assert sim_inputs.student_feats is out.features.mask_feats and sim_inputs.pred_boxes is pos.pred_boxes
     assert torch.allclose(probs, inst.logits.sigmoid()[:, 0], atol=1e-6)
     assert feats.shape == (2, 16, *inst.logits.shape[-2:])
     # the features are the student's stride-8 mask features, bilinearly upsampled x2 (not normalised)
-    expected = torch.nn.functional.interpolate(inst.mask_feats.float(), size=feats.shape[-2:], mode="bilinear",
+    expected = torch.nn.functional.interpolate(out.features.mask_feats.float(), size=feats.shape[-2:], mode="bilinear",
                                                align_corners=False)
     assert torch.allclose(feats, expected, atol=1e-5)
 
@@ -120,7 +124,7 @@ class _Snapshots(L.Callback):
 @pytest.mark.filterwarnings("ignore:.*in eval mode at the start of training")  # the teacher, on purpose
 def test_ema_teacher_after_one_optimizer_step(tmp_path):
     m = 0.5  # large enough that a missing or wrong EMA is visible
-    module = _module(tmp_path, f"supervision.sim_teacher_momentum={m}")
+    module = _module(tmp_path, f"supervision.sim.teacher_momentum={m}")
     with torch.no_grad():  # start from a teacher that differs from the student
         g = torch.Generator().manual_seed(3)
         for p in module.teacher.parameters():
@@ -168,7 +172,7 @@ def test_sim_losses_ignore_gt_masks(tmp_path, garbage_masks):
 
 
 def test_loss_pseudo_zero_before_warmup_positive_after(tmp_path):
-    module = _module(tmp_path, "supervision.sim_warmup_iters=2")
+    module = _module(tmp_path, "supervision.sim.warmup_iters=2")
     module.model.eval()
     batch = sample_batch(load_masks=False)
     before = _losses(module, batch, 1)
@@ -178,9 +182,9 @@ def test_loss_pseudo_zero_before_warmup_positive_after(tmp_path):
     assert before["loss_pseudo"].dtype == after["loss_pseudo"].dtype == torch.float32
     assert after["loss_pseudo"].item() > 0 and torch.isfinite(after["loss_pseudo"])
     # the BoxInst terms are untouched by SIM: same values as the BoxInst supervision at the same step
-    boxinst = build_supervision(dataclasses.replace(module.cfg.supervision, type="boxinst"))
+    boxinst = BoxInstSupervision(dataclasses.replace(module.cfg.supervision, type="boxinst"))
     inputs = supervision_inputs(batch, False)
-    ref = module.model.training_losses(batch.images, inputs, boxinst, 2)
+    ref = supervised_losses(module.model, boxinst, inputs, 2)
     for k in ref:
         assert after[k].item() == pytest.approx(ref[k].item(), rel=1e-6, abs=1e-7), k
 
@@ -310,13 +314,14 @@ def test_load_checkpoint_builds_only_the_student(sim_run):
     module.eval()
     batch = sample_batch(load_masks=False)
     with torch.no_grad():
-        ours = model._forward_features(batch.images)
-        student = module.model._forward_features(batch.images)
-        teacher = module.teacher._forward_features(batch.images)
-    for a, b in zip(ours[:5], student[:5]):
+        ours = model.features(batch.images)
+        student = module.model.features(batch.images)
+        teacher = module.teacher.features(batch.images)
+    for name in ("cls_logits", "bbox_reg", "ctrness", "params", "mask_feats"):
+        a, b = getattr(ours, name), getattr(student, name)
         for x, y in zip(a, b) if isinstance(a, list) else [(a, b)]:
-            assert torch.equal(x, y)
-    assert not torch.equal(ours[4], teacher[4]), "the loaded network is the student, not the teacher"
+            assert torch.equal(x, y), name
+    assert not torch.equal(ours.mask_feats, teacher.mask_feats), "the loaded network is the student, not the teacher"
     preds = model.predict(batch.images, batch.image_sizes, batch.orig_sizes)
     ref = module.model.predict(batch.images, batch.image_sizes, batch.orig_sizes)
     for p, r in zip(preds, ref):

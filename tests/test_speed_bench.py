@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from boxmask.methods import supervised_losses
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -89,7 +91,7 @@ def test_benchmark_writes_issue_fields_and_paths_agree(tmp_path):
 
 def test_boxlevelset_rows_time_the_level_set_share_of_a_solov2_step(tmp_path):
     out = tmp_path / "speed.jsonl"
-    tiny = ["model.fpn_channels=32", "model.solo_head_channels=32", "model.head_convs=1",
+    tiny = ["model.fpn_channels=32", "model.solov2.head_channels=32", "model.head_convs=1",
             "model.mask_branch_channels=16", "model.mask_channels=16"]
     (rec,) = speed.main(["--configs", "lite0", "--boxlevelset", "--image-size", "128", "--reps", "1", "--warmup", "0",
                          "--dataset", "sample", "--device", "cpu", "--output", str(out),
@@ -150,12 +152,12 @@ def test_unfold_without_center_order():
     assert nb[0, 0, :, 0, 0].tolist() == [0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 10.0, 12.0]
 
 
-def test_heads_forward_matches_model_training_losses():
+def test_heads_forward_matches_the_models_forward_train():
     """The benchmark's split (backbone_fpn_forward + heads_forward + supervision) is the model's forward."""
     cfg, model, batch, inputs, li = _loss_inputs("eval")  # eval: fixed BN statistics
     sup = BoxInstSupervision(speed.unit_supervision_config(cfg.supervision))
     with torch.no_grad():
-        whole = model.training_losses(batch.images, inputs, sup, step=0)
+        whole = supervised_losses(model, sup, inputs, 0)
         fcos, inst = speed.heads_forward(model, speed.backbone_fpn_forward(model, batch.images), inputs)
         split = {**fcos, **sup.losses(inst, inputs, 0)}
     assert set(whole) == set(split)

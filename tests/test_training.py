@@ -27,9 +27,9 @@ def test_box_supervision_never_reads_gt_masks(tmp_path, garbage_masks):
     garbage = garbage_masks(batch, flip_has_mask=True)
     losses = []
     for b in (batch, garbage):
-        inputs = supervision_inputs(b, module.supervision.uses_gt_masks)
+        inputs = supervision_inputs(b, module.method.reads_gt_masks)
         assert inputs.masks is None and inputs.has_mask is None
-        losses.append({k: v.item() for k, v in module.model.training_losses(b.images, inputs, module.supervision, 5).items()})
+        losses.append({k: v.item() for k, v in module.compute_losses(inputs, 5).items()})
     assert losses[0] == losses[1]
     assert losses[0]["loss_proj"] > 0 and losses[0]["loss_pairwise"] > 0
 

@@ -121,8 +121,10 @@ def cmd_train(args) -> int:
     from .config import load_config, resolve_config_path
     from .engine.progress import format_duration
     from .engine.train import train
+    from .methods import method_class
 
     cfg = load_config(args.config, args.overrides)
+    method_class(cfg)  # the method's checks, before anything is printed or built
     _apply_train_options(cfg, args.output, args.device)
     out = Path(cfg.trainer.output_dir).resolve()
     ckpt_dir = out / "checkpoints"

@@ -17,12 +17,12 @@ from typing import Any
 import yaml
 
 
-#: supervision type → whether it reads ground-truth masks
-SUPERVISION_TYPES = {"boxinst": False, "full": True, "mixed": True, "levelset": False, "sim": False}
+#: ``supervision.type`` values, one per method (:mod:`boxmask.methods` says what each one is and reads)
+SUPERVISION_TYPES = ("boxinst", "full", "mixed", "levelset", "sim")
 
-#: ``supervision.sim_instance_map`` choices: paper exp(mu IoU)-weighted mean / code plain mean (methods.md §5.4)
+#: ``supervision.sim.instance_map`` choices: paper exp(mu IoU)-weighted mean / code plain mean (methods.md §5.4)
 SIM_INSTANCE_MAPS = ("iou", "mean")
-#: ``supervision.sim_pseudo_loss`` choices: paper BCE + dice / code focal-style BCE (methods.md §5.5)
+#: ``supervision.sim.pseudo_loss`` choices: paper BCE + dice / code focal-style BCE (methods.md §5.5)
 SIM_PSEUDO_LOSSES = ("paper", "code")
 
 
@@ -70,10 +70,47 @@ ARCHITECTURES = ("condinst", "solov2")
 
 
 @dataclass
+class SOLOv2Config:
+    """``model.solov2``: the SOLOv2-style network of BoxLevelSet (methods.md §3.1, §3.4; Wang et al. 2020)."""
+
+    #: channels of the category/kernel branches (512 in the reference)
+    head_channels: int = 512
+    #: grid number S per level P2..P6
+    grids: list[int] = field(default_factory=lambda: [40, 36, 24, 16, 12])
+    #: inclusive sqrt(w*h) range per level, pixels of the resized image
+    scale_ranges: list[list[float]] = field(
+        default_factory=lambda: [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]])
+    #: centre-region scale (SOLO's epsilon)
+    sigma: float = 0.2
+    #: octaves of Fourier position features (sin/cos of 2^k*pi*u, k < this, u the cell-centre position
+    #: in [-1, 1]) given to the kernel branch after the S x S resize and to F_mask's last conv; 0 = the reference
+    #: (linear coordinates only)
+    coord_freqs: int = 0
+    #: Matrix NMS gaussian kernel sigma and the score kept after the decay
+    matrix_nms_sigma: float = 2.0
+    matrix_nms_filter: float = 0.025
+
+    def validate(self, where: str = "model.solov2") -> None:
+        """Value checks. Raises :class:`ConfigError`."""
+        if len(self.grids) != 5 or len(self.scale_ranges) != 5:
+            raise ConfigError(f"{where}.grids and {where}.scale_ranges need one entry per level P2..P6 (5), got "
+                              f"{len(self.grids)} and {len(self.scale_ranges)}")
+        if any(len(r) != 2 or not 0 <= r[0] <= r[1] for r in self.scale_ranges):
+            raise ConfigError(f"{where}.scale_ranges must be [lo, hi] pairs with 0 <= lo <= hi, got {self.scale_ranges}")
+        if any(g < 1 for g in self.grids):
+            raise ConfigError(f"{where}.grids must be positive, got {self.grids}")
+        if not 0 <= self.coord_freqs <= 12:
+            raise ConfigError(f"{where}.coord_freqs must be in [0, 12], got {self.coord_freqs}")
+        if not self.sigma > 0 or self.head_channels < 1:
+            raise ConfigError(f"{where}.sigma must be > 0 and {where}.head_channels >= 1, got {self.sigma} and "
+                              f"{self.head_channels}")
+
+
+@dataclass
 class ModelConfig:
     """CondInst = backbone ► FPN P3–P7 ► FCOS head + mask branch + dynamic mask head (methods.md §1);
     ``arch: solov2`` = backbone ► FPN P2–P6 ► SOLOv2 category/kernel branches + unified mask features
-    (BoxLevelSet, methods.md §3.1). Fields marked "solov2" apply to that architecture only; for it
+    (BoxLevelSet, methods.md §3.1). The section ``solov2`` holds that architecture's own fields; for it
     ``mask_branch_channels``/``mask_channels`` are the mask-feature branch's inner/output channels (the
     output is also the dynamic kernel dimension) and ``head_convs`` the branch depth."""
 
@@ -111,31 +148,112 @@ class ModelConfig:
     #: channels of the level-set feature head F_ls (BoxLevelSet: 5; 0 = no head). Required by
     #: ``supervision.type=levelset``; a conv3x3 on the mask-branch output, upsampled to stride 4
     level_set_channels: int = 0
-    #: solov2: channels of the category/kernel branches (512 in the reference)
-    solo_head_channels: int = 512
-    #: solov2: grid number S per level P2..P6
-    solo_grids: list[int] = field(default_factory=lambda: [40, 36, 24, 16, 12])
-    #: solov2: inclusive sqrt(w*h) range per level, pixels of the resized image
-    solo_scale_ranges: list[list[float]] = field(
-        default_factory=lambda: [[1, 96], [48, 192], [96, 384], [192, 768], [384, 2048]])
-    #: solov2: centre-region scale (SOLO's epsilon)
-    solo_sigma: float = 0.2
-    #: solov2: octaves of Fourier position features (sin/cos of 2^k*pi*u, k < this, u the cell-centre position
-    #: in [-1, 1]) given to the kernel branch after the S x S resize and to F_mask's last conv; 0 = the reference
-    #: (linear coordinates only)
-    solo_coord_freqs: int = 0
-    #: solov2: Matrix NMS gaussian kernel sigma and the score kept after the decay
-    matrix_nms_sigma: float = 2.0
-    matrix_nms_filter: float = 0.025
+    #: the SOLOv2 network's own fields (``arch: solov2``; methods.md §3.1, §3.4)
+    solov2: SOLOv2Config = field(default_factory=lambda: SOLOv2Config())
+
+
+@dataclass
+class LevelSetConfig:
+    """``supervision.levelset``: weights and target sharpness of BoxLevelSet's energies (methods.md §3.3)."""
+
+    #: weight of the energy on the input image (low-level target, §3.3)
+    img_weight: float = 0.05
+    #: weight of the energy on the tree-filtered deep features F_ls (high-level target, §3.3)
+    deep_weight: float = 5.0
+    #: weight of the curve-length (smoothness) term; 0 in the reference
+    length_weight: float = 0.0
+    #: tree-filter sigmas of the low-level (image) and high-level (deep) targets
+    low_sigma: float = 0.02
+    high_sigma: float = 1.0
+
+
+@dataclass
+class SIMConfig:
+    """``supervision.sim``: SIM (methods.md §5; defaults = paper values, "code" notes the released-code variant)."""
+
+    #: teacher EMA momentum per optimiser step (§5.1)
+    teacher_momentum: float = 0.9999
+    #: prototypes per class L and their EMA momentum (§5.3)
+    num_prototypes: int = 10
+    prototype_momentum: float = 0.999
+    #: Sinkhorn-Knopp entropy epsilon and iterations of the prototype assignment (§5.3)
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    #: semantic-map temperature tau (paper 0.1); 0 = code: no temperature (§5.4)
+    temperature: float = 0.1
+    #: instance map: "iou" = paper exp(mu IoU)-weighted mean, "mean" = code plain mean (§5.4)
+    instance_map: str = "iou"
+    iou_mu: float = 5.0
+    #: M_prob = (1 - alpha) M_S + alpha M_I (§5.4)
+    alpha: float = 0.5
+    #: tau_low, clamp range of the adaptive tau_high, and the M_I threshold of the confident pixels
+    #: (counts for tau_high and M_bin = [M_I > thr] B of the prototype update) (§5.3-5.4)
+    low_threshold: float = 0.4
+    high_range: list[float] = field(default_factory=lambda: [0.7, 0.8])
+    inst_threshold: float = 0.7
+    #: lambda_1 of the pseudo-mask loss and its form: "paper" (BCE + dice) or "code" (focal BCE) (§5.5)
+    pseudo_weight: float = 0.5
+    pseudo_loss: str = "paper"
+    #: code: the pseudo-mask weight ramps as pseudo_weight * min(step / this, 1) (code 270000 with
+    #: weight 0.3); 0 = paper, constant weight (§5.5)
+    pseudo_ramp_iters: int = 0
+    #: iterations with BoxInst losses only; the pseudo-mask loss is on from this step (0-based) (§5.4)
+    warmup_iters: int = 10000
+    #: online weakly-supervised copy-paste (§5.6): on/off, FIFO bank size (paper 100, code 50), at most
+    #: this many (highest-score) instances stored per bank entry (bounds the bank's memory, see
+    #: SIMSupervision), paste probability per step once the bank is full, share of an entry's instances
+    #: pasted (code 0.5, paper 0.25) and their maximum, lambda_2 of the paste loss
+    copy_paste: bool = True
+    bank_size: int = 100
+    bank_max_instances: int = 20
+    paste_prob: float = 0.5
+    paste_fraction: float = 0.5
+    paste_max: int = 3
+    paste_weight: float = 1.0
+    #: code-only feature-aware pairwise affinity (§5.2): pairwise edges use S_feat * S_LAB >= color_threshold
+    #: (the code sets color_threshold 0.1 with it); False = paper/BoxInst colour-only affinity
+    pairwise_features: bool = False
+
+    def validate(self, where: str = "supervision.sim") -> None:
+        """Value checks (methods.md §5). Raises :class:`ConfigError`."""
+        if self.instance_map not in SIM_INSTANCE_MAPS:
+            raise ConfigError(f"{where}.instance_map must be one of {list(SIM_INSTANCE_MAPS)}, got {self.instance_map!r}")
+        if self.pseudo_loss not in SIM_PSEUDO_LOSSES:
+            raise ConfigError(f"{where}.pseudo_loss must be one of {list(SIM_PSEUDO_LOSSES)}, got {self.pseudo_loss!r}")
+        for name in ("teacher_momentum", "prototype_momentum", "alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{where}.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.num_prototypes < 1:
+            raise ConfigError(f"{where}.num_prototypes must be >= 1, got {self.num_prototypes}")
+        if not self.sinkhorn_epsilon > 0 or self.sinkhorn_iters < 0:
+            raise ConfigError(f"{where}.sinkhorn_epsilon must be > 0 and sinkhorn_iters >= 0, got "
+                              f"{self.sinkhorn_epsilon} and {self.sinkhorn_iters}")
+        if self.temperature < 0:
+            raise ConfigError(f"{where}.temperature must be >= 0 (0 = no temperature), got {self.temperature}")
+        if len(self.high_range) != 2 or not self.high_range[0] <= self.high_range[1]:
+            raise ConfigError(f"{where}.high_range must be [lo, hi] with lo <= hi, got {self.high_range}")
+        if self.warmup_iters < 0:
+            raise ConfigError(f"{where}.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.pseudo_ramp_iters < 0:
+            raise ConfigError(f"{where}.pseudo_ramp_iters must be >= 0, got {self.pseudo_ramp_iters}")
+        for name in ("bank_size", "bank_max_instances", "paste_max"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.paste_prob <= 1.0:
+            raise ConfigError(f"{where}.paste_prob must be in [0, 1], got {self.paste_prob}")
+        if not 0.0 < self.paste_fraction <= 1.0:
+            raise ConfigError(f"{where}.paste_fraction must be in (0, 1], got {self.paste_fraction}")
+        if self.paste_weight < 0:
+            raise ConfigError(f"{where}.paste_weight must be >= 0, got {self.paste_weight}")
 
 
 @dataclass
 class SupervisionConfig:
     """Which mask supervision trains the mask head (methods.md §2)."""
 
-    #: "boxinst" (box labels only), "full" (CondInst dice on real masks), "mixed" (dice where an
-    #: annotation has a mask, BoxInst losses where it has only a box), "levelset" (box labels only:
-    #: BoxLevelSet's projection + Chan-Vese energies on the CondInst network), "sim" (box labels only:
+    #: the method (:mod:`boxmask.methods`): "boxinst" (box labels only), "full" (CondInst dice on real masks),
+    #: "mixed" (dice where an annotation has a mask, BoxInst losses where it has only a box), "levelset" (box
+    #: labels only: BoxLevelSet's projection + Chan-Vese energies, either network), "sim" (box labels only:
     #: BoxInst losses + SIM's teacher/prototype pseudo-mask loss, methods.md §5; CondInst only)
     type: str = "boxinst"
     pairwise_dilation: int = 2
@@ -145,55 +263,10 @@ class SupervisionConfig:
     bottom_pixels_removed: int = 10
     projection_weight: float = 1.0
     pairwise_weight: float = 1.0
-    #: level-set supervision (methods.md §3.3; BoxLevelSet uses projection_weight 3.0)
-    levelset_img_weight: float = 0.05
-    levelset_deep_weight: float = 5.0
-    levelset_length_weight: float = 0.0
-    levelset_low_sigma: float = 0.02
-    levelset_high_sigma: float = 1.0
-    #: SIM (methods.md §5; defaults = paper values, "code" notes the released-code variant).
-    #: teacher EMA momentum per optimiser step (§5.1)
-    sim_teacher_momentum: float = 0.9999
-    #: prototypes per class L and their EMA momentum (§5.3)
-    sim_num_prototypes: int = 10
-    sim_prototype_momentum: float = 0.999
-    #: Sinkhorn-Knopp entropy epsilon and iterations of the prototype assignment (§5.3)
-    sim_sinkhorn_epsilon: float = 0.05
-    sim_sinkhorn_iters: int = 3
-    #: semantic-map temperature tau (paper 0.1); 0 = code: no temperature (§5.4)
-    sim_temperature: float = 0.1
-    #: instance map: "iou" = paper exp(mu IoU)-weighted mean, "mean" = code plain mean (§5.4)
-    sim_instance_map: str = "iou"
-    sim_iou_mu: float = 5.0
-    #: M_prob = (1 - alpha) M_S + alpha M_I (§5.4)
-    sim_alpha: float = 0.5
-    #: tau_low, clamp range of the adaptive tau_high, and the M_I threshold of the confident pixels
-    #: (counts for tau_high and M_bin = [M_I > thr] B of the prototype update) (§5.3-5.4)
-    sim_low_threshold: float = 0.4
-    sim_high_range: list[float] = field(default_factory=lambda: [0.7, 0.8])
-    sim_inst_threshold: float = 0.7
-    #: lambda_1 of the pseudo-mask loss and its form: "paper" (BCE + dice) or "code" (focal BCE) (§5.5)
-    sim_pseudo_weight: float = 0.5
-    sim_pseudo_loss: str = "paper"
-    #: code: the pseudo-mask weight ramps as sim_pseudo_weight * min(step / this, 1) (code 270000 with
-    #: weight 0.3); 0 = paper, constant weight (§5.5)
-    sim_pseudo_ramp_iters: int = 0
-    #: iterations with BoxInst losses only; the pseudo-mask loss is on from this step (0-based) (§5.4)
-    sim_warmup_iters: int = 10000
-    #: online weakly-supervised copy-paste (§5.6): on/off, FIFO bank size (paper 100, code 50), at most
-    #: this many (highest-score) instances stored per bank entry (bounds the bank's memory, see
-    #: SIMSupervision), paste probability per step once the bank is full, share of an entry's instances
-    #: pasted (code 0.5, paper 0.25) and their maximum, lambda_2 of the paste loss
-    sim_copy_paste: bool = True
-    sim_bank_size: int = 100
-    sim_bank_max_instances: int = 20
-    sim_paste_prob: float = 0.5
-    sim_paste_fraction: float = 0.5
-    sim_paste_max: int = 3
-    sim_paste_weight: float = 1.0
-    #: code-only feature-aware pairwise affinity (§5.2): pairwise edges use S_feat * S_LAB >= color_threshold
-    #: (the code sets color_threshold 0.1 with it); False = paper/BoxInst colour-only affinity
-    sim_pairwise_features: bool = False
+    #: BoxLevelSet's level-set energies (methods.md §3.3; BoxLevelSet uses projection_weight 3.0)
+    levelset: LevelSetConfig = field(default_factory=lambda: LevelSetConfig())
+    #: SIM's teacher, prototypes, pseudo-mask loss and copy-paste (methods.md §5)
+    sim: SIMConfig = field(default_factory=lambda: SIMConfig())
 
 
 @dataclass
@@ -242,9 +315,8 @@ class TrainerConfig:
 
 @dataclass
 class Config:
-    """A whole recipe."""
+    """A whole recipe. The method is ``supervision.type`` (:mod:`boxmask.methods`)."""
 
-    method: str = "boxinst"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
@@ -256,10 +328,48 @@ class Config:
         return asdict(self)
 
 
+def _legacy_keys() -> dict[tuple[type, str], str]:
+    """Flat keys of recipes written before the nested sections (issue 12), by (section type, old key):
+    their new dotted key, or a sentence for a removed key."""
+    table: dict[tuple[type, str], str] = {(Config, "method"): "REMOVED: the method is supervision.type"}
+    for f in fields(SIMConfig):
+        table[(SupervisionConfig, f"sim_{f.name}")] = f"supervision.sim.{f.name}"
+    for f in fields(LevelSetConfig):
+        table[(SupervisionConfig, f"levelset_{f.name}")] = f"supervision.levelset.{f.name}"
+    for f in fields(SOLOv2Config):
+        old = f.name if f.name.startswith("matrix_nms_") else f"solo_{f.name}"
+        table[(ModelConfig, old)] = f"model.solov2.{f.name}"
+    return table
+
+
+def translate_legacy_config(values: dict) -> dict:
+    """A copy of a recipe dict (e.g. the ``config`` of a checkpoint written before the nested sections) with
+    its flat keys moved to their nested ones (``supervision.sim_alpha`` -> ``supervision.sim.alpha``,
+    ``model.solo_grids`` -> ``model.solov2.grids``, ...) and the removed ``method`` key dropped. A dict
+    without such keys is returned unchanged (as a copy)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for (section, old), new in _legacy_keys().items():
+        owner = {Config: out, SupervisionConfig: out.get("supervision"), ModelConfig: out.get("model")}[section]
+        if not isinstance(owner, dict) or old not in owner:
+            continue
+        value = owner.pop(old)
+        if new.startswith("REMOVED"):
+            continue
+        _, sub, key = new.split(".")
+        nested = owner.setdefault(sub, {})
+        nested.setdefault(key, value)
+    return out
+
+
 def _merge_into(obj: Any, values: dict, where: str) -> None:
     names = {f.name: f for f in fields(obj)}
     for key, value in values.items():
         if key not in names:
+            new = _legacy_keys().get((type(obj), key))
+            if new is not None and new.startswith("REMOVED"):
+                raise ConfigError(f"{where}: key {key!r} was removed ({new[9:]}); delete it")
+            if new is not None:
+                raise ConfigError(f"{where}: key {key!r} was renamed {new!r} (nested sections); write it as {new}")
             raise ConfigError(f"{where}: unknown key {key!r}; known: {sorted(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -364,27 +474,18 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
 
 
 def validate_config(cfg: Config) -> None:
-    """Cross-field checks. Raises :class:`ConfigError`."""
+    """Value checks of every section and the cross-field checks that need no method. Raises :class:`ConfigError`.
+
+    A method checks its own section and what it needs of the rest of the recipe (SIM: ``supervision.sim``
+    and the CondInst network; BoxLevelSet: the level-set head) itself (:func:`boxmask.methods.method_class`),
+    before any training starts.
+    """
     if cfg.supervision.type not in SUPERVISION_TYPES:
         raise ConfigError(f"supervision.type {cfg.supervision.type!r} unknown; choose from {list(SUPERVISION_TYPES)}")
     if cfg.model.arch not in ARCHITECTURES:
         raise ConfigError(f"model.arch {cfg.model.arch!r} unknown; choose from {list(ARCHITECTURES)}")
     if cfg.model.arch == "solov2":
-        m = cfg.model
-        if len(m.solo_grids) != 5 or len(m.solo_scale_ranges) != 5:
-            raise ConfigError(f"model.solo_grids and model.solo_scale_ranges need one entry per level P2..P6 (5), got "
-                              f"{len(m.solo_grids)} and {len(m.solo_scale_ranges)}")
-        if any(len(r) != 2 or not 0 <= r[0] <= r[1] for r in m.solo_scale_ranges):
-            raise ConfigError(f"model.solo_scale_ranges must be [lo, hi] pairs with 0 <= lo <= hi, got {m.solo_scale_ranges}")
-        if any(g < 1 for g in m.solo_grids):
-            raise ConfigError(f"model.solo_grids must be positive, got {m.solo_grids}")
-        if not 0 <= m.solo_coord_freqs <= 12:
-            raise ConfigError(f"model.solo_coord_freqs must be in [0, 12], got {m.solo_coord_freqs}")
-    if cfg.supervision.type == "levelset" and cfg.model.level_set_channels <= 0:
-        raise ConfigError("supervision.type=levelset needs the level-set feature head: set model.level_set_channels "
-                          "(BoxLevelSet: 5)")
-    if cfg.supervision.type == "sim":
-        _validate_sim(cfg)
+        cfg.model.solov2.validate()
     if cfg.solver.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"solver.optimizer must be 'sgd' or 'adamw', got {cfg.solver.optimizer!r}")
     if cfg.solver.max_iters <= 0:
@@ -407,43 +508,3 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("data.train_json is empty and data.builtin is not set")
     if cfg.trainer.progress_every < 0:
         raise ConfigError(f"trainer.progress_every must be >= 0 (0 = trainer.log_every), got {cfg.trainer.progress_every}")
-
-
-def _validate_sim(cfg: Config) -> None:
-    """Checks of the ``supervision.sim_*`` fields (methods.md §5). Raises :class:`ConfigError`."""
-    sup = cfg.supervision
-    if cfg.model.arch != "condinst":
-        raise ConfigError(f"supervision.type=sim needs model.arch=condinst (SIM is released for CondInst only), "
-                          f"got {cfg.model.arch!r}")
-    if sup.sim_instance_map not in SIM_INSTANCE_MAPS:
-        raise ConfigError(f"supervision.sim_instance_map must be one of {list(SIM_INSTANCE_MAPS)}, "
-                          f"got {sup.sim_instance_map!r}")
-    if sup.sim_pseudo_loss not in SIM_PSEUDO_LOSSES:
-        raise ConfigError(f"supervision.sim_pseudo_loss must be one of {list(SIM_PSEUDO_LOSSES)}, "
-                          f"got {sup.sim_pseudo_loss!r}")
-    for name in ("sim_teacher_momentum", "sim_prototype_momentum", "sim_alpha"):
-        if not 0.0 <= getattr(sup, name) <= 1.0:
-            raise ConfigError(f"supervision.{name} must be in [0, 1], got {getattr(sup, name)}")
-    if sup.sim_num_prototypes < 1:
-        raise ConfigError(f"supervision.sim_num_prototypes must be >= 1, got {sup.sim_num_prototypes}")
-    if not sup.sim_sinkhorn_epsilon > 0 or sup.sim_sinkhorn_iters < 0:
-        raise ConfigError(f"supervision.sim_sinkhorn_epsilon must be > 0 and sim_sinkhorn_iters >= 0, got "
-                          f"{sup.sim_sinkhorn_epsilon} and {sup.sim_sinkhorn_iters}")
-    if sup.sim_temperature < 0:
-        raise ConfigError(f"supervision.sim_temperature must be >= 0 (0 = no temperature), got {sup.sim_temperature}")
-    high = sup.sim_high_range
-    if len(high) != 2 or not high[0] <= high[1]:
-        raise ConfigError(f"supervision.sim_high_range must be [lo, hi] with lo <= hi, got {high}")
-    if sup.sim_warmup_iters < 0:
-        raise ConfigError(f"supervision.sim_warmup_iters must be >= 0, got {sup.sim_warmup_iters}")
-    if sup.sim_pseudo_ramp_iters < 0:
-        raise ConfigError(f"supervision.sim_pseudo_ramp_iters must be >= 0, got {sup.sim_pseudo_ramp_iters}")
-    for name in ("sim_bank_size", "sim_bank_max_instances", "sim_paste_max"):
-        if getattr(sup, name) < 1:
-            raise ConfigError(f"supervision.{name} must be >= 1, got {getattr(sup, name)}")
-    if not 0.0 <= sup.sim_paste_prob <= 1.0:
-        raise ConfigError(f"supervision.sim_paste_prob must be in [0, 1], got {sup.sim_paste_prob}")
-    if not 0.0 < sup.sim_paste_fraction <= 1.0:
-        raise ConfigError(f"supervision.sim_paste_fraction must be in (0, 1], got {sup.sim_paste_fraction}")
-    if sup.sim_paste_weight < 0:
-        raise ConfigError(f"supervision.sim_paste_weight must be >= 0, got {sup.sim_paste_weight}")

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from .config import Config, ConfigError, load_config, packaged_config_names, resolve_config_path, validate_config
+from .methods import METHODS
 
 __all__ = ["RecipeInfo", "recipe_description", "recipe_info", "list_recipes", "format_recipe_table", "resolved_yaml"]
 
@@ -63,7 +64,8 @@ def recipe_info(name_or_path: str | Path) -> RecipeInfo:
     path = resolve_config_path(name_or_path)
     cfg = load_config(path, validate=False)
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
-    return RecipeInfo(name=name, path=path, method=cfg.method, arch=cfg.model.arch, supervision=cfg.supervision.type,
+    method = METHODS[cfg.supervision.type].title.lower() if cfg.supervision.type in METHODS else cfg.supervision.type
+    return RecipeInfo(name=name, path=path, method=method, arch=cfg.model.arch, supervision=cfg.supervision.type,
                       backbone=cfg.model.backbone, dataset=dataset_name(cfg), description=recipe_description(path))
 
 

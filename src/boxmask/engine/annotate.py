@@ -50,8 +50,8 @@ from ..data.coco import CocoInstances
 from ..data.collate import make_collate
 from ..data.transforms import BoxAdaptiveResize, build_test_transforms
 from ..io import atomic_write_json, atomic_write_text
-from ..modeling.box_conditioned import LOCATION_RANKS, box_conditioned_masks
-from ..modeling.condinst import CondInst, aligned_bilinear
+from ..modeling.box_conditioned import LOCATION_RANKS, BoxConditionedModel
+from ..ops import aligned_bilinear
 from .evaluator import boxes_to_masks, masks_to_rle
 
 __all__ = ["AnnotateError", "FALLBACK_THRESHOLD", "annotate_dataset", "box_pixels", "mask_quality", "report_path",
@@ -116,7 +116,7 @@ def _xyxy(bbox: list[float]) -> tuple[float, float, float, float]:
     return x, y, x + w, y + h
 
 
-def _model_fingerprint(model: CondInst) -> str:
+def _model_fingerprint(model: BoxConditionedModel) -> str:
     """sha256 over parameter/buffer names, shapes, dtypes and bytes of the state dict."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
@@ -257,7 +257,7 @@ def _image_record(image_id: int, ann_ids: list[int], boxes_orig: list[tuple], re
     return {"image_id": int(image_id), "annotations": anns}
 
 
-def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | Path, image_dir: str | Path,
+def annotate_dataset(model: BoxConditionedModel, cfg: Config, meta: dict, ann_file: str | Path, image_dir: str | Path,
                      output_json: str | Path, device: str | torch.device = "cpu", progress: bool = True,
                      resume: bool = True, *, batch_size: int = 1, num_workers: int = 0,
                      save_every: int = 20, rank: str = "score_iou", candidates: int = 5,
@@ -266,13 +266,14 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
     """Write ``ann_file`` with a model mask for every annotation to ``output_json`` (module docstring).
 
     Images are resized with the test transform of ``cfg`` (``data.test_min_size``/``test_max_size``),
-    boxes go through :func:`~boxmask.modeling.box_conditioned.box_conditioned_masks`, masks are
+    boxes go through :meth:`~boxmask.modeling.condinst.CondInst.box_conditioned_masks`, masks are
     binarised at ``cfg.model.mask_threshold`` at the original image size and clipped to the box.
     A box's category is matched to the model's classes by name, else by COCO id; an unknown
     category uses the class-agnostic location score.
 
     Args:
-        model: trained :class:`CondInst`; moved to ``device`` and put in eval mode.
+        model: a trained network with box-conditioned inference (:class:`~boxmask.modeling.box_conditioned.BoxConditionedModel`:
+            CondInst or SOLOv2); moved to ``device`` and put in eval mode.
         cfg: its config (from :func:`~boxmask.engine.inference.load_checkpoint`).
         meta: checkpoint meta with ``class_names`` and ``cat_ids`` of the model.
         ann_file: input COCO instances JSON (boxes; existing segmentations are replaced).
@@ -283,10 +284,10 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
         resume: continue from the sidecar of ``output_json`` if present; False starts over.
         batch_size: images per forward pass; num_workers: DataLoader workers for decoding.
         save_every: fsync the sidecar every this many images (each image is flushed anyway).
-        rank: location ranking of :func:`~boxmask.modeling.box_conditioned.select_box_locations`
+        rank: location ranking of :mod:`~boxmask.modeling.box_conditioned` (rule 2)
             (``"score_iou"`` or ``"score"``).
         candidates: FCOS locations tried per box, the mask that fits the box best is kept
-            (:func:`~boxmask.modeling.box_conditioned.box_conditioned_masks`, rule 4); 1 = best-ranked only.
+            (:meth:`~boxmask.modeling.condinst.CondInst.box_conditioned_masks`, rule 4); 1 = best-ranked only.
         box_size: box-adaptive scale (:class:`~boxmask.data.transforms.BoxAdaptiveResize`): each image is
             scaled up so that the median side of its boxes is at least this many pixels, so that small
             objects get a mask at a resolution that fits them; 0 = the fixed test size; None = the
@@ -366,10 +367,10 @@ def annotate_dataset(model: CondInst, cfg: Config, meta: dict, ann_file: str | P
         for batch in loader:
             labels = [torch.tensor([label_map[int(l)] for l in t["labels"]], dtype=torch.int64) for t in batch.targets]
             if any(len(t["boxes"]) for t in batch.targets):
-                results = box_conditioned_masks(model, batch.images.to(device), batch.image_sizes,
-                                                [t["boxes"].to(device) for t in batch.targets],
-                                                [l.to(device) for l in labels], rank=rank,
-                                                candidates=candidates)
+                results = model.box_conditioned_masks(batch.images.to(device), batch.image_sizes,
+                                                      [t["boxes"].to(device) for t in batch.targets],
+                                                      [l.to(device) for l in labels], rank=rank,
+                                                      candidates=candidates)
             else:
                 results = [None] * len(batch)
             for b, iid in enumerate(batch.image_ids):

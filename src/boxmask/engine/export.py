@@ -48,8 +48,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from ..modeling.condinst import CondInst, InstancePredictions, aligned_bilinear
-from ..modeling.solov2 import SOLO_HEAD_STRIDES, SOLOv2, _tight_boxes, point_nms
+from ..modeling.condinst import CondInst
+from ..structures import InstancePredictions
+from ..modeling.solov2 import SOLO_HEAD_STRIDES, SOLOv2, point_nms
+from ..ops import aligned_bilinear, tight_boxes
 
 #: supported ``model.arch`` values → the families of the issue (what ``boxmask export`` accepts)
 FAMILIES = {"condinst": "CondInst family (BoxInst, CondInst, mixed, SIM)", "solov2": "SOLOv2 family (BoxLevelSet)"}
@@ -235,8 +237,9 @@ class CondInstExport(nn.Module):
         b = images.shape[0]
         h, w = images.shape[-2:]
         # the controller runs at the K kept locations only (FCOSHead.controller_at), not densely
-        cls_logits, bbox_reg, ctrness, box_feats, mask_feats, locations = m._forward_features(
-            _pad_to_multiple(images, self.divisor), dense_params=False)
+        f = m.features(_pad_to_multiple(images, self.divisor), dense_params=False)
+        cls_logits, bbox_reg, ctrness, box_feats, mask_feats, locations = (f.cls_logits, f.bbox_reg, f.ctrness,
+                                                                            f.params, f.mask_feats, f.locations)
         k_pre = cfg.pre_nms_topk
         all_boxes, all_scores, all_valid, all_labels, all_locidx, all_locs, all_levels = [], [], [], [], [], [], []
         for level, (cl, rg, ct) in enumerate(zip(cls_logits, bbox_reg, ctrness)):
@@ -322,13 +325,14 @@ class SOLOv2Export(nn.Module):
             raise ValueError(f"max_dets must be in [1, {cfg.pre_nms_topk}] (model.pre_nms_topk), got {max_dets}")
         self.model, self.max_dets, self.divisor, self.binary = model, int(max_dets), int(size_divisibility), binary_masks
         self.register_buffer("level_stride", torch.cat([torch.full((s * s,), float(SOLO_HEAD_STRIDES[l]))
-                                                        for l, s in enumerate(cfg.solo_grids)]), persistent=False)
+                                                        for l, s in enumerate(cfg.solov2.grids)]), persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         m, cfg = self.model, self.model.cfg
         b = images.shape[0]
         h, w = images.shape[-2:]
-        cates, kernels, mask_feats = m._forward_features(_pad_to_multiple(images, self.divisor))
+        f = m.features(_pad_to_multiple(images, self.divisor))
+        cates, kernels, mask_feats = f.cates, f.kernels, f.mask_feats
         hp, wp = mask_feats.shape[-2] * m.mask_out_stride, mask_feats.shape[-1] * m.mask_out_stride
         probs = torch.cat([point_nms(c.float().sigmoid()).flatten(2).transpose(1, 2) for c in cates], 1)  # [B,N,C]
         kern = torch.cat([k.flatten(2).transpose(1, 2) for k in kernels], 1)  # [B,N,E]
@@ -350,8 +354,8 @@ class SOLOv2Export(nn.Module):
         active = torch.gather(active, 1, order)
         labels, area, cells = torch.gather(labels, 1, order), torch.gather(area, 1, order), torch.gather(cells, 1, order)
         mask_probs, bin_masks = _gather_rows(mask_probs, order), _gather_rows(bin_masks, order)
-        decayed = _batched_matrix_nms_sorted(bin_masks, area, labels, scores, active, cfg.matrix_nms_sigma)
-        keep = active & (decayed >= cfg.matrix_nms_filter)
+        decayed = _batched_matrix_nms_sorted(bin_masks, area, labels, scores, active, cfg.solov2.matrix_nms_sigma)
+        keep = active & (decayed >= cfg.solov2.matrix_nms_filter)
         final = torch.where(keep, decayed, torch.full_like(decayed, -1.0))
         top, sel = final.topk(self.max_dets, dim=1)
         is_det = torch.gather(keep, 1, sel)
@@ -561,7 +565,7 @@ class OnnxModel:
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0):
         _, ort = require_onnx(runtime_only=True)
-        from ..config import load_config
+        from ..config import load_config, translate_legacy_config
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -575,7 +579,7 @@ class OnnxModel:
         except Exception as exc:  # noqa: BLE001
             raise ExportError(f"{self.path}: cannot load the ONNX model ({exc})") from exc
         self.metadata = _decode_metadata(self.path, self.session.get_modelmeta().custom_metadata_map)
-        self.cfg = load_config(self.metadata["config"])
+        self.cfg = load_config(translate_legacy_config(self.metadata["config"]))
         self.cfg.model.backbone_weights = "none"
         self.meta = {"class_names": list(self.metadata["class_names"]), "cat_ids": list(self.metadata["cat_ids"]),
                      "global_step": int(self.metadata.get("checkpoint_step", 0))}
@@ -635,7 +639,7 @@ class OnnxModel:
                     probs = F.interpolate(probs[:, None], size=(oh, ow), mode="bilinear", align_corners=False)[:, 0]
                 masks = torch.from_numpy(probs.contiguous().numpy() > thr)  # numpy's compare: ~3x torch's here
             if self.metadata["family"] == "solov2":
-                boxes = _tight_boxes(masks)
+                boxes = tight_boxes(masks)
             else:
                 boxes = boxes.clone()
                 boxes[:, 0::2] *= ow / w

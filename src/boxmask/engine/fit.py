@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from ..config import SUPERVISION_TYPES, Config, load_config
+from ..config import Config, load_config
+from ..methods import METHODS
 from .inference import CheckpointError, read_checkpoint  # noqa: F401 - CheckpointError is documented here
 
 __all__ = ["FIT_BOX_SIZE", "FIT_RECIPE", "FIT_TRAIN_BOX_SIZE", "FitError", "default_fit_steps", "fit_config", "fit_to_boxes", "fit_dir_for"]
@@ -73,7 +74,7 @@ def fit_config(ann_file: str | Path, image_dir: str | Path, work_dir: str | Path
 
     Base: the config stored in ``checkpoint`` (its network; weights via ``model.init_checkpoint``) or the
     packaged ``recipe`` (default :data:`FIT_RECIPE`). Then: training set = ``ann_file``/``image_dir``, no
-    val split, a box-only supervision (``boxinst``, or the base's if it is ``boxinst``/``levelset``),
+    val split, a box-only supervision (the base's if its method allows a short fit, :attr:`~boxmask.methods.base.Method.short_box_fit`: BoxInst, BoxLevelSet; else ``boxinst``),
     ``bottom_pixels_removed`` 0, training sizes ``image_size`` ±12.5 % (default: the base's test size) with
     the box-adaptive scale ``box_size`` (0 = off), ``steps`` steps (default :func:`default_fit_steps`) with
     a 10 % LR warm-up (at most 100), one LR drop at 80 %, the pairwise warm-up a tenth of the run from a
@@ -93,7 +94,7 @@ def fit_config(ann_file: str | Path, image_dir: str | Path, work_dir: str | Path
         base = load_config(recipe or FIT_RECIPE, ["data.train_json=-"]).to_dict()
     base["data"] = dict(base["data"], builtin="", val_json="", val_images="")
     sup_type = base["supervision"]["type"]
-    if SUPERVISION_TYPES.get(sup_type, True) or sup_type == "sim":
+    if sup_type not in METHODS or not METHODS[sup_type].short_box_fit:
         sup_type = "boxinst"
     size = int(image_size or base["data"]["test_min_size"])
     max_size = max(int(round(size * 5 / 3)), size + 32)

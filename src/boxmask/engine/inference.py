@@ -9,11 +9,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config, load_config
+from ..config import Config, load_config, translate_legacy_config
 from ..data.coco import CocoInstances, read_image_rgb
 from ..data.collate import collate_batch, make_collate
 from ..data.transforms import build_test_transforms
-from ..modeling.condinst import CondInst, build_model
+from ..modeling import build_model
 from .evaluator import boxes_to_masks, detections_to_coco, evaluate_coco
 
 
@@ -23,7 +23,9 @@ class CheckpointError(RuntimeError):
 
 def read_checkpoint(path: str | Path) -> dict:
     """The raw dict of a boxmask (Lightning) checkpoint on the CPU, with ``hyper_parameters`` (``config``,
-    ``class_names``) and ``state_dict`` checked. Raises :class:`CheckpointError` naming the file."""
+    ``class_names``) and ``state_dict`` checked. The ``config`` of a checkpoint written before the nested
+    config sections is translated to them (:func:`~boxmask.config.translate_legacy_config`), so old
+    checkpoints still load for eval/predict/annotate/export. Raises :class:`CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -34,10 +36,12 @@ def read_checkpoint(path: str | Path) -> dict:
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or "config" not in hp or "class_names" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a boxmask checkpoint (no hyper_parameters/config or state_dict)")
+    if isinstance(hp["config"], dict):
+        hp["config"] = translate_legacy_config(hp["config"])
     return ckpt
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[CondInst, Config, dict]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """Rebuild the model of a boxmask (Lightning) checkpoint.
 
     Returns ``(model in eval mode on device, config, meta)`` where meta has ``class_names``,
@@ -109,7 +113,7 @@ def eval_dataset(cfg: Config, ann_file: str | Path, image_dir: str | Path) -> Co
 
 
 @torch.no_grad()
-def predict_dataset(model: CondInst, dataset: CocoInstances, cat_ids: list[int], device: str | torch.device = "cpu",
+def predict_dataset(model: torch.nn.Module, dataset: CocoInstances, cat_ids: list[int], device: str | torch.device = "cpu",
                     batch_size: int = 1, num_workers: int = 0, progress: bool = True,
                     size_divisibility: int = 32) -> tuple[list[dict], list[dict]]:
     """Run the model over a dataset.
@@ -131,7 +135,7 @@ def predict_dataset(model: CondInst, dataset: CocoInstances, cat_ids: list[int],
     return results, boxfill
 
 
-def evaluate_model(model: CondInst, cfg: Config, cat_ids: list[int], ann_file: str | Path, image_dir: str | Path,
+def evaluate_model(model: torch.nn.Module, cfg: Config, cat_ids: list[int], ann_file: str | Path, image_dir: str | Path,
                    device: str | torch.device = "cpu", max_dets: int | None = None, progress: bool = True,
                    output_dir: str | Path | None = None) -> dict:
     """Mask and box AP of a model on a COCO split, plus the box-filled baseline.
@@ -184,7 +188,7 @@ CONTACT_SHEET_MAX = 64
 
 
 @torch.no_grad()
-def predict_images(model: CondInst, cfg: Config, meta: dict, images: list[Path], output_dir: str | Path,
+def predict_images(model: torch.nn.Module, cfg: Config, meta: dict, images: list[Path], output_dir: str | Path,
                    score_threshold: float = 0.3, device: str | torch.device = "cpu", overlays: bool = True,
                    progress: bool = True, contact_sheet: int = CONTACT_SHEET_MAX) -> Path:
     """Predict masks for image files; write ``results.json`` (COCO results, RLE masks),

@@ -6,7 +6,6 @@ Source for the schedule: detectron2 ``WarmupMultiStepLR`` semantics (methods.md 
 from __future__ import annotations
 
 import bisect
-import copy
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -19,10 +18,9 @@ from torch.utils.data import Dataset, Sampler
 from ..config import Config, SolverConfig, load_config
 from ..data.collate import Batch
 from ..io import atomic_torch_save
-from ..modeling.condinst import build_model
-from ..supervision import build_supervision
-from ..supervision.base import SupervisionInputs
-from ..supervision.sim import ema_update_
+from ..methods import method_class
+from ..modeling import build_model
+from ..structures import SupervisionInputs
 
 
 def lr_factor(step: int, solver: SolverConfig) -> float:
@@ -72,24 +70,23 @@ def supervision_inputs(batch: Batch, with_masks: bool) -> SupervisionInputs:
 
 
 class BoxMaskModule(L.LightningModule):
-    """Trains a model with its supervision. Hyper-parameters (saved in checkpoints): the recipe as a
-    dict, the class names and the COCO category id of each contiguous label.
+    """Trains a model with its method (:mod:`boxmask.methods`, chosen by ``supervision.type``).
+    Hyper-parameters (saved in checkpoints): the recipe as a dict, the class names and the COCO category id
+    of each contiguous label.
 
-    ``supervision.type == "sim"`` (methods.md §5.1) adds a momentum teacher ``self.teacher``: a deep copy
-    of the student ``self.model`` made at construction, without gradients, always in eval mode (see
-    :meth:`train`), EMA-updated right after every optimiser step (:meth:`optimizer_step`) with
-    ``supervision.sim_teacher_momentum``. The SIM supervision is then an ``nn.Module`` registered here
-    (its prototype buffer is ``supervision.prototypes``, its copy-paste memory bank the supervision's extra
-    state), so teacher, prototypes and bank are in this module's state dict -- saved in checkpoints and
-    restored on ``--resume`` -- while
-    :func:`~boxmask.engine.inference.load_checkpoint` rebuilds only the student (``model.*`` keys).
-    Other supervisions are plain objects and have no teacher (``self.teacher is None``).
+    Attributes: ``model`` (the network, ``model.*`` keys: all that
+    :func:`~boxmask.engine.inference.load_checkpoint` rebuilds), ``method`` (a
+    :class:`~boxmask.methods.base.Method`) and ``supervision`` (the method's supervision; an ``nn.Module``
+    when it has state, e.g. SIM's prototypes and copy-paste bank, so that state is checkpointed and restored
+    on ``--resume``). A method's :meth:`~boxmask.methods.base.Method.setup` may register more networks here
+    (SIM: ``teacher``). The module never branches on the method: it calls its hooks.
     """
 
     def __init__(self, config: dict, class_names: list[str], cat_ids: list[int]):
         super().__init__()
         self.save_hyperparameters()
         self.cfg: Config = load_config(config)
+        method_cls = method_class(self.cfg)  # the recipe's checks before anything is built
         self.model = build_model(self.cfg.model, len(class_names))
         if self.cfg.model.init_checkpoint:
             from .inference import load_model_weights
@@ -99,39 +96,40 @@ class BoxMaskModule(L.LightningModule):
                 warnings.warn(f"{self.cfg.model.init_checkpoint}: {len(report['missing'])} tensors not in the "
                               f"checkpoint, {len(report['skipped'])} of another shape (kept as initialised): "
                               f"{(report['missing'] + report['skipped'])[:6]}", stacklevel=2)
-        self.supervision = build_supervision(self.cfg.supervision, num_classes=len(class_names),
-                                             mask_channels=self.cfg.model.mask_channels)
-        self.teacher = None
-        if self.cfg.supervision.type == "sim":
-            # the teacher starts as an exact copy of the (possibly pretrained) student
-            self.teacher = copy.deepcopy(self.model)
-            self.teacher.requires_grad_(False)
-            self.teacher.eval()
-            self.supervision.set_teacher(self.teacher)
+        # built after the network: the random initialisation order (network, then e.g. SIM's prototypes) is fixed
+        self.method = method_cls(self.cfg, len(class_names))
+        self.supervision = self.method.supervision
+        self.method.setup(self)
 
     def train(self, mode: bool = True):
-        """``nn.Module.train`` that keeps the teacher (if any) in eval mode: its BN layers use the
-        running statistics EMA-copied from the student and never update from batch statistics."""
+        """``nn.Module.train``, then the method's :meth:`~boxmask.methods.base.Method.on_train_mode` hook."""
         super().train(mode)
-        teacher = getattr(self, "teacher", None)  # train() may run before __init__ has set it
-        if teacher is not None:
-            teacher.eval()
+        method = getattr(self, "method", None)  # train() may run before __init__ has set it
+        if method is not None:
+            method.on_train_mode(self, mode)
         return self
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        """The student's optimiser step, then the teacher EMA ``θ_t <- m θ_t + (1 - m) θ_s`` (methods.md §5.1).
+        """The optimiser step, then the method's :meth:`~boxmask.methods.base.Method.after_optimizer_step` hook.
 
         Done here rather than in ``on_train_batch_end`` because Lightning runs the callbacks' batch-end
-        hooks (e.g. the step checkpoint) before the module's: a checkpoint must see the updated teacher.
+        hooks (e.g. the step checkpoint) before the module's: a checkpoint must see e.g. SIM's updated teacher.
         """
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.teacher is not None:
-            ema_update_(self.teacher, self.model, self.cfg.supervision.sim_teacher_momentum)
+        self.method.after_optimizer_step(self)
+
+    def batch_inputs(self, batch: Batch, step: int) -> SupervisionInputs:
+        """What the method may see of ``batch`` at ``step``: ground-truth masks only if the method reads them,
+        after the method's batch-level augmentation (:meth:`~boxmask.methods.base.Method.prepare_inputs`)."""
+        return self.method.prepare_inputs(supervision_inputs(batch, self.method.reads_gt_masks), step)
+
+    def compute_losses(self, inputs: SupervisionInputs, step: int) -> dict:
+        """All training losses of one prepared batch (fp32 scalars whose sum is the objective)."""
+        return self.method.losses(self.model, inputs, step)
 
     def training_step(self, batch: Batch, batch_idx: int):
         step = int(self.global_step)
-        inputs = self.supervision.prepare_inputs(supervision_inputs(batch, self.supervision.uses_gt_masks), step)
-        losses = self.model.training_losses(inputs.images, inputs, self.supervision, step)
+        losses = self.compute_losses(self.batch_inputs(batch, step), step)
         total = sum(losses.values())
         bs = batch.images.shape[0]
         self.log_dict({k: v.detach() for k, v in losses.items()}, on_step=True, batch_size=bs)

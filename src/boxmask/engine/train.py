@@ -10,16 +10,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from ..config import SUPERVISION_TYPES, Config
+from ..config import Config
 from ..console import is_terminal
 from ..data.coco import CocoInstances
 from ..data.collate import make_collate
 from ..data.transforms import build_train_transforms
 from ..io import atomic_write_json, atomic_write_text
+from ..methods import method_class
 from .module import AtomicCheckpointIO, BoxMaskModule, SeededDataset, StepBatchSampler
 from .progress import PlainProgressLog
 
@@ -110,7 +111,7 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool | None =
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     paths = resolve_data_paths(cfg)
     # a box-supervised recipe never loads masks: they are not even decoded
-    needs_masks = SUPERVISION_TYPES[cfg.supervision.type]
+    needs_masks = method_class(cfg).reads_gt_masks
     train_set = CocoInstances(paths["train_json"], paths["train_images"],
                               transforms=build_train_transforms(cfg.data.min_sizes, cfg.data.max_size, cfg.data.flip_prob,
                                                                 cfg.data.color_jitter, cfg.data.grayscale_prob,
@@ -157,7 +158,7 @@ def train(cfg: Config, resume: str | Path | None = None, progress: bool | None =
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
-        if module.teacher is not None:  # SIM's momentum teacher is in eval mode on purpose
+        if module.method.keeps_modules_in_eval:  # e.g. SIM's momentum teacher, in eval mode on purpose
             warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
         trainer.fit(module, datamodule=_DataModule(cfg, train_set), ckpt_path=str(resume) if resume else None)
     wall = time.time() - t0

@@ -1,4 +1,4 @@
-"""Box-conditioned mask inference: a CondInst/BoxInst mask for each *given* box.
+"""Box-conditioned mask inference: a mask for each *given* box (the rule for CondInst/BoxInst; SOLOv2 adapts it).
 
 Instead of detecting objects, the network is asked for the mask of a box the user supplies (as in
 DiscoBox's box-conditioned inference for auto-labelling, methods.md §6): one forward pass of the
@@ -28,51 +28,20 @@ Location rule (per box ``(x1, y1, x2, y2)`` in resized-image pixels, label ``c``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from .condinst import CondInst
-from ..supervision.boxinst import box_masks_at_stride, projection_terms
-from .fcos import flatten_levels
+from ..ops import box_masks_at_stride, projection_terms
+from ..structures import BoxConditionedMasks
 
-__all__ = ["BoxConditionedMasks", "LOCATION_RANKS", "best_fitting_candidates", "box_location_candidates", "projection_fit", "select_box_locations", "box_conditioned_masks", "masks_for_boxes"]
+__all__ = ["BoxConditionedModel", "LOCATION_RANKS", "best_fitting_candidates", "box_location_candidates",
+           "check_box_conditioned_args"]
 
-#: location ranking rules of :func:`select_box_locations`
+#: location ranking rules (module docstring, rule 2)
 LOCATION_RANKS = ("score_iou", "score")
-
-# Instances per dynamic-mask-head call: bounds the [K, C_mask+2, h*w] input at large image sizes.
-_HEAD_CHUNK = 64
-
-
-@dataclass
-class BoxConditionedMasks:
-    """Box-conditioned masks of one image (``N`` given boxes).
-
-    Attributes:
-        logits: float32 ``[N,1,Hp/4,Wp/4]`` mask logits at the mask output stride (4) of the padded
-            image, same layout as :meth:`CondInst.detect`'s mask logits.
-        loc_inds: int64 ``[N]`` chosen location, index into the levels-concatenated locations
-            (P3 first, row-major inside a level).
-        levels: int64 ``[N]`` FPN level of the chosen location (0 = P3).
-        locations: float32 ``[N,2]`` its ``(x, y)`` centre in resized-image pixels.
-        scores: float32 ``[N]`` its ``σ(cls)·σ(ctr)`` (for the box's class, or the max over classes).
-        inside: bool ``[N]``; False where no location centre was inside the box (rule 3).
-        agreement: float32 ``[N]`` in ``[0, 1]``: mean IoU, inside the box at the mask stride, of the
-            chosen candidate's binary mask (logit > 0) with those of the other candidates tried for the
-            box (rule 4); NaN where only one candidate was tried. A quality cue for ``annotate``'s
-            fallback; None when the network does not provide it.
-    """
-
-    logits: Tensor
-    loc_inds: Tensor
-    levels: Tensor
-    locations: Tensor
-    scores: Tensor
-    inside: Tensor
-    agreement: Tensor | None = None
 
 
 def box_location_candidates(scores: Tensor, locations: Tensor, num_p3: int, boxes: Tensor,
@@ -153,51 +122,10 @@ def box_location_candidates(scores: Tensor, locations: Tensor, num_p3: int, boxe
     return best, per_box.gather(1, best), valid, inside
 
 
-def select_box_locations(scores: Tensor, locations: Tensor, num_p3: int, boxes: Tensor,
-                         labels: Tensor | None = None, pred_boxes: Tensor | None = None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """Choose one FCOS location per box: the first candidate of :func:`box_location_candidates`.
-
-    Returns ``(loc_inds int64 [N], FCOS scores float [N], inside bool [N])``; arguments and errors as
-    :func:`box_location_candidates`.
-    """
-    inds, cand_scores, _, inside = box_location_candidates(scores, locations, num_p3, boxes, labels, pred_boxes, 1)
-    return inds[:, 0], cand_scores[:, 0], inside
-
-
-
-
-@torch.no_grad()
-def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tuple[int, int]],
-                          boxes: list[Tensor], labels: list[Tensor] | None = None,
-                          rank: str = "score_iou", candidates: int = 5) -> list[BoxConditionedMasks]:
-    """Mask logits for given boxes with the chosen locations (methods.md §1.4; DiscoBox box-conditioned inference).
-
-    One forward pass of ``model`` (backbone, FPN, FCOS head, mask branch) over the batch, then per box
-    the location rule of the module docstring and the dynamic mask head with that location's controller
-    parameters. The caller puts ``model`` in eval mode (BatchNorm statistics) and on the images' device.
-
-    Args:
-        model: a :class:`CondInst` (BoxInst or CondInst weights); another network with a
-            ``box_conditioned_masks`` method (:class:`~boxmask.modeling.solov2.SOLOv2`) is delegated to it.
-        images: uint8 ``[B,3,Hp,Wp]`` RGB, zero-padded to a multiple of 32 (see ``collate_batch``).
-        image_sizes: per image ``(h, w)`` resized size before padding (not used by the rule: the boxes
-            lie inside the image; kept for symmetry with :meth:`CondInst.detect`).
-        boxes: per image float ``[N_i,4]`` xyxy in resized-image pixels.
-        labels: per image int64 ``[N_i]`` contiguous model classes (-1 = unknown), or None.
-        rank: location ranking, one of :data:`LOCATION_RANKS` (module docstring, rule 2).
-        candidates: locations tried per box (rule 4 of the module docstring; 1 = the best-ranked only).
-
-    Returns:
-        One :class:`BoxConditionedMasks` per image.
-
-    Raises:
-        ValueError: ``boxes``/``labels`` do not have one entry per image, a bad box tensor shape, an
-            unknown ``rank`` or ``candidates < 1``.
-    """
-    if not isinstance(model, CondInst):
-        # other architectures (SOLOv2) bring their own candidate rule
-        return model.box_conditioned_masks(images, image_sizes, boxes, labels, rank, candidates)
+def check_box_conditioned_args(images: Tensor, boxes: list[Tensor], labels: list[Tensor] | None, rank: str,
+                                candidates: int) -> None:
+    """The argument checks every ``box_conditioned_masks`` shares. Raises ValueError: ``candidates < 1``, an
+    unknown ``rank``, or ``boxes``/``labels`` without one entry per image of ``images`` ``[B,3,Hp,Wp]``."""
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     if rank not in LOCATION_RANKS:
@@ -206,52 +134,26 @@ def box_conditioned_masks(model: CondInst, images: Tensor, image_sizes: list[tup
     if len(boxes) != batch or (labels is not None and len(labels) != batch):
         raise ValueError(f"{batch} images but {len(boxes)} box lists"
                          + ("" if labels is None else f" and {len(labels)} label lists"))
-    cls_logits, bbox_reg, ctrness, params, mask_feats, locations = model._forward_features(images)
-    flat_cls = flatten_levels(cls_logits).float()  # [B,L,C]
-    pred_boxes = None
-    if rank == "score_iou":
-        level_stride = torch.cat([torch.full((len(l),), float(s), device=l.device)
-                                  for l, s in zip(locations, model.strides)])
-        ltrb = flatten_levels(bbox_reg).float() * level_stride[None, :, None]  # [B,L,4] pixels
-        locs = torch.cat(locations)[None]
-        pred_boxes = torch.cat([locs - ltrb[..., :2], locs + ltrb[..., 2:]], dim=-1)
-    flat_ctr = flatten_levels(ctrness).float()  # [B,L,1]
-    flat_params = flatten_levels(params)  # [B,L,P]
-    all_locs = torch.cat(locations)
-    level_of = torch.cat([torch.full((len(l),), i, dtype=torch.int64, device=l.device) for i, l in enumerate(locations)])
-    hp, wp = images.shape[-2:]
-    out = []
-    for b in range(batch):
-        scores = flat_cls[b].sigmoid() * flat_ctr[b].sigmoid()  # [L,C]
-        boxes_b = boxes[b].to(images.device)
-        cand, cand_scores, valid, inside = box_location_candidates(
-            scores, all_locs, len(locations[0]), boxes_b, None if labels is None else labels[b],
-            None if pred_boxes is None else pred_boxes[b], candidates)
-        flat_cand = cand[valid]  # row-major: the candidates of box 0 first
-        chunks = []
-        for s in range(0, len(flat_cand), _HEAD_CHUNK):
-            sel = flat_cand[s:s + _HEAD_CHUNK]
-            im_inds = torch.full((len(sel),), b, dtype=torch.int64, device=images.device)
-            chunks.append(model.mask_head(mask_feats, flat_params[b, sel], im_inds, all_locs[sel], level_of[sel]).float())
-        h, w = mask_feats.shape[-2:]
-        f = model.mask_head.feat_stride // model.mask_head.out_stride
-        if not chunks:
-            logits = torch.zeros(0, 1, h * f, w * f, device=images.device)
-            out.append(BoxConditionedMasks(logits, cand[:, 0], level_of[cand[:, 0]], all_locs[cand[:, 0]],
-                                           cand_scores[:, 0], inside, logits.new_zeros(0)))
-            continue
-        cand_logits = torch.cat(chunks)
-        logits, pick, agreement = best_fitting_candidates(cand_logits, valid, boxes_b, (hp, wp),
-                                                          model.mask_head.out_stride)
-        chosen = cand.gather(1, pick[:, None])[:, 0]
-        out.append(BoxConditionedMasks(logits, chosen, level_of[chosen], all_locs[chosen],
-                                       cand_scores.gather(1, pick[:, None])[:, 0], inside, agreement))
-    return out
+
+
+@runtime_checkable
+class BoxConditionedModel(Protocol):
+    """What ``annotate`` needs of a network: masks for given boxes (box-conditioned inference) and the stride
+    of those masks. :class:`~boxmask.modeling.condinst.CondInst` and :class:`~boxmask.modeling.solov2.SOLOv2`
+    implement it, each with its own candidate rule."""
+
+    mask_out_stride: int
+
+    def box_conditioned_masks(self, images: Tensor, image_sizes: list[tuple[int, int]], boxes: list[Tensor],
+                              labels: list[Tensor] | None = None, rank: str = "score_iou",
+                              candidates: int = 5) -> list[BoxConditionedMasks]:
+        """Per image a :class:`~boxmask.structures.BoxConditionedMasks` for the given boxes."""
+        ...
 
 
 def best_fitting_candidates(cand_logits: Tensor, valid: Tensor, boxes: Tensor, padded_hw: tuple[int, int],
                             stride: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rule 4: per box, the candidate mask with the smallest :func:`projection_fit` against the box.
+    """Rule 4: per box, the candidate mask with the smallest projection term (:func:`boxmask.ops.projection_terms`) against the box.
 
     Args:
         cand_logits: float ``[V,1,h,w]`` logits of the valid candidates, row-major over ``valid`` (box 0's first).
@@ -272,7 +174,7 @@ def best_fitting_candidates(cand_logits: Tensor, valid: Tensor, boxes: Tensor, p
         owner = torch.arange(n, device=valid.device)[:, None].expand(n, k)[valid]
         box_masks = box_masks_at_stride(boxes.float(), padded_hw, stride)[owner]
         fit = torch.full((n, k), float("inf"), device=cand_logits.device)
-        fit[valid] = projection_fit(cand_logits[:, 0], box_masks)
+        fit[valid] = projection_terms(cand_logits[:, 0], box_masks)
         pick = fit.argmin(1)
         # agreement of the chosen candidate with the others of its box
         binary = (cand_logits[:, 0] > 0) & (box_masks > 0)  # [V,h,w]
@@ -287,29 +189,3 @@ def best_fitting_candidates(cand_logits: Tensor, valid: Tensor, boxes: Tensor, p
         agreement = torch.where(count > 0, total / count.clamp(min=1), agreement)
     # box i's pick-th candidate sits at (valid candidates of boxes < i) + pick in cand_logits
     return cand_logits[starts + pick], pick, agreement
-
-
-def projection_fit(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
-    """How badly each mask fits its box: the BoxInst projection dice terms (methods.md §2.3), per mask.
-
-    Args:
-        mask_logits: float ``[K,h,w]`` mask logits at the mask stride.
-        box_masks: float ``[K,h,w]`` 0/1 box masks at the same stride (``box_masks_at_stride``).
-
-    Returns:
-        float32 ``[K]`` in ``[0, 2]``: 0 when the mask's x and y projections equal the box's.
-    """
-    return projection_terms(mask_logits, box_masks)
-
-
-@torch.no_grad()
-def masks_for_boxes(model: CondInst, images: Tensor, image_sizes: list[tuple[int, int]], boxes: list[Tensor],
-                    labels: list[Tensor] | None = None, rank: str = "score_iou", candidates: int = 5) -> list[Tensor]:
-    """Mask logits for given boxes: float32 ``[N_i,1,Hp/4,Wp/4]`` per image.
-
-    The box-conditioned inference of DiscoBox (methods.md §6) for CondInst/BoxInst: the dynamic mask head
-    (methods.md §1.4) driven by the controller output at the best FCOS location inside each box (rule in
-    the module docstring). Binarise like :func:`boxmask.modeling.condinst.postprocess` (methods.md §1.7).
-    Arguments and errors as :func:`box_conditioned_masks`.
-    """
-    return [r.logits for r in box_conditioned_masks(model, images, image_sizes, boxes, labels, rank, candidates)]

@@ -12,29 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..supervision.base import MaskInstances, MaskSupervision, SupervisionInputs
+from ..ops import aligned_bilinear
+from ..structures import BoxConditionedMasks, InstancePredictions, MaskInstances, TrainOutputs
 from .backbones import build_backbone
+from .box_conditioned import best_fitting_candidates, box_location_candidates, check_box_conditioned_args
 from .fcos import (Detections, FCOSHead, compute_locations, fcos_inference, fcos_losses, fcos_targets,
                    flatten_levels, level_ranges)
 from .fpn import FPN
 
+__all__ = ["CondInst", "CondInstFeatures", "CondInstPositives", "CondInstTrainOutputs", "DynamicMaskHead", "MaskBranch",
+           "dynamic_head_num_params", "postprocess"]
 
-def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
-    """Upsample ``[N,C,h,w]`` by an integer ``factor`` to ``[N,C,factor*h,factor*w]`` keeping the
-    "sample at the centre of each stride cell" convention (methods.md §1.6, CondInst).
-
-    Replicate-pad 1 px right/bottom, bilinear with ``align_corners=True`` to ``(f*h+1, f*w+1)``,
-    replicate-pad ``f//2`` left/top, crop. ``factor == 1`` returns ``x``. Raises ValueError for factor < 1.
-    """
-    if factor < 1 or int(factor) != factor:
-        raise ValueError(f"factor must be a positive integer, got {factor}")
-    if factor == 1:
-        return x
-    h, w = x.shape[-2:]
-    x = F.pad(x, (0, 1, 0, 1), mode="replicate")
-    x = F.interpolate(x, size=(factor * h + 1, factor * w + 1), mode="bilinear", align_corners=True)
-    x = F.pad(x, (factor // 2, 0, factor // 2, 0), mode="replicate")
-    return x[:, :, : factor * h, : factor * w]
+# Instances per dynamic-mask-head call in box-conditioned inference: bounds the [K, C_mask+2, h*w] input.
+_HEAD_CHUNK = 64
 
 
 def _conv_norm_relu(cin: int, cout: int) -> nn.Sequential:
@@ -139,17 +129,48 @@ class DynamicMaskHead(nn.Module):
 
 
 @dataclass
-class InstancePredictions:
-    """Predictions for one image in original-image pixels.
+class CondInstFeatures:
+    """Dense outputs of one CondInst forward pass (:meth:`CondInst.features`), per FPN level P3..P7.
 
-    boxes float32 ``[N,4]`` xyxy; scores float32 ``[N]``; labels int64 ``[N]`` contiguous;
-    masks bool ``[N,H,W]`` (original image size).
+    cls_logits: ``[B,C,h_l,w_l]`` class logits; bbox_reg: ``[B,4,h_l,w_l]`` ltrb distances in units of the
+    level stride; ctrness: ``[B,1,h_l,w_l]`` centre-ness logits; params: ``[B,P,h_l,w_l]`` controller outputs
+    (the dynamic mask head's weights), or an empty list when not computed densely; mask_feats:
+    ``[B,C_mask,Hp/8,Wp/8]`` mask-branch output at stride 8; locations: float32 ``[h_l*w_l,2]`` (x, y) pixel
+    centre of each location (row-major).
     """
 
-    boxes: Tensor
-    scores: Tensor
-    labels: Tensor
-    masks: Tensor
+    cls_logits: list[Tensor]
+    bbox_reg: list[Tensor]
+    ctrness: list[Tensor]
+    params: list[Tensor]
+    mask_feats: Tensor
+    locations: list[Tensor]
+
+
+@dataclass
+class CondInstPositives:
+    """Where the sampled positives of :meth:`CondInst.forward_train` sit (same order as the instances).
+
+    loc_inds: int64 ``[K]`` index into the levels-concatenated locations (P3 row-major, then P4, ...);
+    locations: float32 ``[K,2]`` their (x, y) pixels; levels: int64 ``[K]`` FPN level (0 = P3);
+    pred_boxes: float32 ``[K,4]`` xyxy resized-image pixels, the box each positive regresses
+    (``location -/+ ltrb * level stride``), detached.
+    """
+
+    loc_inds: Tensor
+    locations: Tensor
+    levels: Tensor
+    pred_boxes: Tensor
+
+
+@dataclass
+class CondInstTrainOutputs(TrainOutputs):
+    """:class:`~boxmask.structures.TrainOutputs` of CondInst plus what a method may re-use of the forward
+    pass (SIM runs its teacher at the same positives, methods.md §5.1): ``features`` (the student's
+    :class:`CondInstFeatures`, attached to the graph) and ``positives`` (:class:`CondInstPositives`)."""
+
+    features: CondInstFeatures | None = None
+    positives: CondInstPositives | None = None
 
 
 class CondInst(nn.Module):
@@ -186,58 +207,74 @@ class CondInst(nn.Module):
         return self.mask_head.out_stride
 
     # ------------------------------------------------------------------ shared
-    def _forward_features(self, images: Tensor, dense_params: bool = True):
+    def fpn_features(self, images: Tensor) -> list[Tensor]:
+        """Normalisation, backbone and FPN on uint8 ``[B,3,Hp,Wp]`` images: P3..P7 ``[B,fpn_channels,Hp/s,Wp/s]``."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
-        feats = self.fpn(self.backbone(x))
+        return self.fpn(self.backbone(x))
+
+    def head_features(self, feats: list[Tensor], dense_params: bool = True) -> CondInstFeatures:
+        """FCOS head and mask branch on FPN features P3..P7 (:meth:`fpn_features`). ``dense_params=False``
+        skips the dense controller: ``params`` then holds the box-tower features for
+        :meth:`~boxmask.modeling.fcos.FCOSHead.controller_at` (ONNX export)."""
         cls_logits, bbox_reg, ctrness, params = self.head(feats, dense_params)
         mask_feats = self.mask_branch(feats)
         locations = [compute_locations(f.shape[-2], f.shape[-1], s, f.device) for f, s in zip(feats, self.strides)]
-        return cls_logits, bbox_reg, ctrness, params, mask_feats, locations
+        return CondInstFeatures(cls_logits, bbox_reg, ctrness, params, mask_feats, locations)
+
+    def features(self, images: Tensor, dense_params: bool = True) -> CondInstFeatures:
+        """One forward pass of backbone, FPN, FCOS head and mask branch on uint8 ``[B,3,Hp,Wp]`` images
+        (:meth:`fpn_features` then :meth:`head_features`)."""
+        return self.head_features(self.fpn_features(images), dense_params)
+
+    def mask_logits_at(self, feats: CondInstFeatures, im_inds: Tensor, loc_inds: Tensor) -> Tensor:
+        """Dynamic-mask-head logits float ``[K,1,Hp/4,Wp/4]`` of the locations ``loc_inds`` (int64 ``[K]``, index
+        into the levels-concatenated locations) of images ``im_inds`` (int64 ``[K]``), from ``feats`` (dense
+        ``params`` required). Raises IndexError for a location outside the feature maps."""
+        flat_params = flatten_levels(feats.params)
+        level_of = torch.cat([torch.full((len(l),), i, dtype=torch.int64, device=l.device)
+                              for i, l in enumerate(feats.locations)])
+        return self.mask_head(feats.mask_feats, flat_params[im_inds, loc_inds], im_inds,
+                              torch.cat(feats.locations)[loc_inds], level_of[loc_inds])
 
     # ------------------------------------------------------------------ training
-    def training_losses(self, images: Tensor, inputs: SupervisionInputs, supervision: MaskSupervision,
-                        step: int) -> dict[str, Tensor]:
-        """All training losses for one batch.
+    def forward_train(self, images: Tensor, boxes: list[Tensor], labels: list[Tensor]) -> CondInstTrainOutputs:
+        """Training forward pass: FCOS losses and the mask logits of the sampled positives (methods.md §1.2, §1.5).
 
         Args:
             images: uint8 ``[B,3,Hp,Wp]``.
-            inputs: the supervision's view of the batch (boxes, labels; masks only for mask supervision).
-            supervision: computes the mask losses from the sampled instances' logits.
-            step: global optimisation step (0-based), for warm-ups.
-        Returns a dict of fp32 scalar losses whose sum is the training objective.
+            boxes: per image float ``[N_i,4]`` xyxy resized-image pixels; labels: per image int64 ``[N_i]``.
+        Returns :class:`CondInstTrainOutputs`: ``detector_losses`` (``loss_fcos_cls``, ``loss_fcos_loc``,
+        ``loss_fcos_ctr``), one instance group at stride 4 (with ``level_set_feats`` when the model has the
+        level-set head), the DDP anchor, the features and the positives' locations and regressed boxes.
         """
-        cls_logits, bbox_reg, ctrness, params, mask_feats, locations = self._forward_features(images)
-        targets = fcos_targets(locations, self.strides, self.ranges, inputs.boxes, inputs.labels,
-                               self.num_classes, self.cfg.center_sampling_radius)
-        flat_cls = flatten_levels(cls_logits)
-        flat_ctr = flatten_levels(ctrness)
-        flat_reg = flatten_levels(bbox_reg)
-        losses = fcos_losses(flat_cls, flat_reg, flat_ctr, targets, self.num_classes)
+        return self.forward_train_from_fpn(self.fpn_features(images), boxes, labels)
 
-        instances = self._sample_instances(flat_cls, flat_ctr, flatten_levels(params), locations, targets, mask_feats,
-                                           flat_reg=flat_reg)
+    def forward_train_from_fpn(self, fpn_feats: list[Tensor], boxes: list[Tensor],
+                               labels: list[Tensor]) -> CondInstTrainOutputs:
+        """:meth:`forward_train` after the FPN: the same outputs from FPN features P3..P7 (the stage seam the
+        speed benchmark times separately)."""
+        feats = self.head_features(fpn_feats)
+        targets = fcos_targets(feats.locations, self.strides, self.ranges, boxes, labels,
+                               self.num_classes, self.cfg.center_sampling_radius)
+        flat_cls = flatten_levels(feats.cls_logits)
+        flat_ctr = flatten_levels(feats.ctrness)
+        flat_reg = flatten_levels(feats.bbox_reg)
+        losses = fcos_losses(flat_cls, flat_reg, flat_ctr, targets, self.num_classes)
+        instances, positives = self._sample_instances(flat_cls, flat_ctr, flatten_levels(feats.params), feats.locations,
+                                                      targets, feats.mask_feats, flat_reg)
+        anchor = feats.mask_feats.sum() * 0 + sum(p.sum() for p in feats.params) * 0
         if self.level_set_head is not None:
             f = self.mask_head.feat_stride // self.mask_head.out_stride
-            instances.level_set_feats = aligned_bilinear(self.level_set_head(mask_feats), f).float()
-        mask_losses = supervision.losses(instances, inputs, step)
-        if len(instances) == 0 or self.level_set_head is not None:
-            # keep every parameter in the graph (DDP) when a batch has no positives or the supervision
-            # does not use the level-set head
-            anchor = mask_feats.sum() * 0 + sum(p.sum() for p in params) * 0
-            if instances.level_set_feats is not None:
-                anchor = anchor + instances.level_set_feats.sum() * 0
-            mask_losses = {k: v + anchor for k, v in mask_losses.items()}
-        losses.update(mask_losses)
-        return losses
+            instances.level_set_feats = aligned_bilinear(self.level_set_head(feats.mask_feats), f).float()
+            anchor = anchor + instances.level_set_feats.sum() * 0
+        return CondInstTrainOutputs(losses, [instances], anchor, features=feats, positives=positives)
 
     def _sample_instances(self, flat_cls: Tensor, flat_ctr: Tensor, flat_params: Tensor, locations: list[Tensor],
-                          targets, mask_feats: Tensor, flat_reg: Tensor | None = None) -> MaskInstances:
+                          targets, mask_feats: Tensor, flat_reg: Tensor) -> tuple[MaskInstances, CondInstPositives]:
         """Pick the positives that get a mask loss (methods.md §1.5) and run the dynamic head on them.
 
-        Besides the logits, the returned :class:`MaskInstances` carries where each positive sits
-        (``loc_inds``, ``locations``, ``levels``), the stride-8 ``mask_feats`` and, when ``flat_reg``
-        (``[B,L,4]`` ltrb / level stride, levels concatenated) is given, the regressed ``pred_boxes``
-        -- what SIM needs to run its teacher at the same positives (methods.md §5.1, §5.4).
+        ``flat_reg``: ``[B,L,4]`` ltrb / level stride, levels concatenated, decoded into the positives'
+        regressed boxes (as ``fcos_inference``).
         """
         level_of = torch.cat([torch.full((len(l),), i, dtype=torch.int64, device=l.device) for i, l in enumerate(locations)])
         all_locs = torch.cat(locations)
@@ -255,15 +292,11 @@ class CondInst(nn.Module):
         labels = targets.labels[im_inds, loc_inds]
         locs, levels = all_locs[loc_inds], level_of[loc_inds]
         logits = self.mask_head(mask_feats, flat_params[im_inds, loc_inds], im_inds, locs, levels)
-        pred_boxes = None
-        if flat_reg is not None:
-            # decode as fcos_inference / box_conditioned: distances are in units of the level stride
-            level_stride = torch.tensor(self.strides, dtype=torch.float32, device=locs.device)[levels]
-            ltrb = flat_reg[im_inds, loc_inds].detach().float() * level_stride[:, None]
-            pred_boxes = torch.cat([locs - ltrb[:, :2], locs + ltrb[:, 2:]], dim=1)
-        return MaskInstances(logits.float(), im_inds, gt_inds, labels, stride=self.mask_head.out_stride,
-                             loc_inds=loc_inds, locations=locs, levels=levels, mask_feats=mask_feats,
-                             pred_boxes=pred_boxes)
+        level_stride = torch.tensor(self.strides, dtype=torch.float32, device=locs.device)[levels]
+        ltrb = flat_reg[im_inds, loc_inds].detach().float() * level_stride[:, None]
+        pred_boxes = torch.cat([locs - ltrb[:, :2], locs + ltrb[:, 2:]], dim=1)
+        return (MaskInstances(logits.float(), im_inds, gt_inds, labels, stride=self.mask_head.out_stride),
+                CondInstPositives(loc_inds, locs, levels, pred_boxes))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -273,14 +306,14 @@ class CondInst(nn.Module):
         Returns per image :class:`~boxmask.modeling.fcos.Detections` (resized-image pixels) and float
         mask logits ``[N,1,Hp/4,Wp/4]``.
         """
-        cls_logits, bbox_reg, ctrness, params, mask_feats, locations = self._forward_features(images)
+        f = self.features(images)
         cfg = self.cfg
-        dets = fcos_inference(cls_logits, bbox_reg, ctrness, params, locations, self.strides, image_sizes,
+        dets = fcos_inference(f.cls_logits, f.bbox_reg, f.ctrness, f.params, f.locations, self.strides, image_sizes,
                               cfg.score_threshold, cfg.pre_nms_topk, cfg.nms_threshold, cfg.max_detections)
         mask_logits = []
         for b, det in enumerate(dets):
             im_inds = torch.full((len(det.scores),), b, dtype=torch.int64, device=images.device)
-            mask_logits.append(self.mask_head(mask_feats, det.params, im_inds, det.locations, det.levels).float())
+            mask_logits.append(self.mask_head(f.mask_feats, det.params, im_inds, det.locations, det.levels).float())
         return dets, mask_logits
 
     @torch.no_grad()
@@ -290,6 +323,77 @@ class CondInst(nn.Module):
         dets, mask_logits = self.detect(images, image_sizes)
         return [postprocess(det, logits, size, orig, self.mask_head.out_stride, self.cfg.mask_threshold)
                 for det, logits, size, orig in zip(dets, mask_logits, image_sizes, orig_sizes)]
+
+
+    @torch.no_grad()
+    def box_conditioned_masks(self, images: Tensor, image_sizes: list[tuple[int, int]], boxes: list[Tensor],
+                              labels: list[Tensor] | None = None, rank: str = "score_iou",
+                              candidates: int = 5) -> list[BoxConditionedMasks]:
+        """Mask logits for given boxes with the chosen locations (methods.md §1.4; DiscoBox box-conditioned
+        inference): one forward pass over the batch, then per box the location rule of
+        :mod:`boxmask.modeling.box_conditioned` and the dynamic mask head with that location's controller
+        parameters. The caller puts the model in eval mode and on the images' device.
+
+        Args:
+            images: uint8 ``[B,3,Hp,Wp]`` RGB, zero-padded to a multiple of 32 (see ``collate_batch``).
+            image_sizes: per image ``(h, w)`` resized size before padding (the boxes lie inside the image;
+                kept for symmetry with :meth:`detect`).
+            boxes: per image float ``[N_i,4]`` xyxy in resized-image pixels.
+            labels: per image int64 ``[N_i]`` contiguous model classes (-1 = unknown), or None.
+            rank: location ranking, one of :data:`~boxmask.modeling.box_conditioned.LOCATION_RANKS` (rule 2).
+            candidates: locations tried per box (rule 4; 1 = the best-ranked only).
+
+        Returns:
+            One :class:`~boxmask.structures.BoxConditionedMasks` per image (logits ``[N_i,1,Hp/4,Wp/4]``).
+
+        Raises:
+            ValueError: ``boxes``/``labels`` do not have one entry per image, a bad box tensor shape, an
+                unknown ``rank`` or ``candidates < 1``.
+        """
+        check_box_conditioned_args(images, boxes, labels, rank, candidates)
+        feats = self.features(images)
+        locations = feats.locations
+        flat_cls = flatten_levels(feats.cls_logits).float()  # [B,L,C]
+        pred_boxes = None
+        if rank == "score_iou":
+            level_stride = torch.cat([torch.full((len(l),), float(s), device=l.device)
+                                      for l, s in zip(locations, self.strides)])
+            ltrb = flatten_levels(feats.bbox_reg).float() * level_stride[None, :, None]  # [B,L,4] pixels
+            locs = torch.cat(locations)[None]
+            pred_boxes = torch.cat([locs - ltrb[..., :2], locs + ltrb[..., 2:]], dim=-1)
+        flat_ctr = flatten_levels(feats.ctrness).float()  # [B,L,1]
+        flat_params = flatten_levels(feats.params)  # [B,L,P]
+        all_locs = torch.cat(locations)
+        level_of = torch.cat([torch.full((len(l),), i, dtype=torch.int64, device=l.device)
+                              for i, l in enumerate(locations)])
+        hp, wp = images.shape[-2:]
+        out = []
+        for b in range(images.shape[0]):
+            scores = flat_cls[b].sigmoid() * flat_ctr[b].sigmoid()  # [L,C]
+            boxes_b = boxes[b].to(images.device)
+            cand, cand_scores, valid, inside = box_location_candidates(
+                scores, all_locs, len(locations[0]), boxes_b, None if labels is None else labels[b],
+                None if pred_boxes is None else pred_boxes[b], candidates)
+            flat_cand = cand[valid]  # row-major: the candidates of box 0 first
+            chunks = []
+            for s in range(0, len(flat_cand), _HEAD_CHUNK):
+                sel = flat_cand[s:s + _HEAD_CHUNK]
+                im_inds = torch.full((len(sel),), b, dtype=torch.int64, device=images.device)
+                chunks.append(self.mask_head(feats.mask_feats, flat_params[b, sel], im_inds, all_locs[sel],
+                                             level_of[sel]).float())
+            h, w = feats.mask_feats.shape[-2:]
+            f = self.mask_head.feat_stride // self.mask_head.out_stride
+            if not chunks:
+                logits = torch.zeros(0, 1, h * f, w * f, device=images.device)
+                out.append(BoxConditionedMasks(logits, cand[:, 0], level_of[cand[:, 0]], all_locs[cand[:, 0]],
+                                               cand_scores[:, 0], inside, logits.new_zeros(0)))
+                continue
+            logits, pick, agreement = best_fitting_candidates(torch.cat(chunks), valid, boxes_b, (hp, wp),
+                                                              self.mask_head.out_stride)
+            chosen = cand.gather(1, pick[:, None])[:, 0]
+            out.append(BoxConditionedMasks(logits, chosen, level_of[chosen], all_locs[chosen],
+                                           cand_scores.gather(1, pick[:, None])[:, 0], inside, agreement))
+        return out
 
 
 def _topk_per_gt(im_inds: Tensor, gt_inds: Tensor, score: Tensor, k_per_image: int) -> Tensor:
@@ -332,17 +436,3 @@ def postprocess(det: Detections, mask_logits: Tensor, image_size: tuple[int, int
         masks = probs[:, 0] > mask_threshold
     return InstancePredictions(boxes, det.scores, det.labels, masks)
 
-
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The network of a recipe: :class:`CondInst` (``model.arch: condinst``, BoxInst/CondInst recipes) or
-    :class:`~boxmask.modeling.solov2.SOLOv2` (``model.arch: solov2``, BoxLevelSet recipes).
-
-    Raises ValueError for an unknown ``cfg.arch`` or ``num_classes < 1``.
-    """
-    if cfg.arch == "solov2":
-        from .solov2 import SOLOv2
-
-        return SOLOv2(cfg, num_classes)
-    if cfg.arch != "condinst":
-        raise ValueError(f"unknown model.arch {cfg.arch!r}")
-    return CondInst(cfg, num_classes)

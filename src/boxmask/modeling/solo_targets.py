@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..supervision.boxinst import box_masks_at_stride
+from ..ops import box_masks_at_stride
 
 __all__ = [
     "SOLO_GRID_NUMS",

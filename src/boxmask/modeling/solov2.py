@@ -19,10 +19,10 @@ Layout (strides in pixels of the padded input):
   level's grid-feature size); because the kernel is linear, resizing ``F_mask`` first and then applying the
   kernel gives the same logits at a fraction of the cost.
 
-The mask losses come from any :class:`~boxmask.supervision.base.MaskSupervision` (BoxLevelSet's
-``levelset`` or BoxInst's ``boxinst``), called once per mask stride; the losses of the stride groups are
-averaged weighted by their instance counts, which is the mean over all positives for per-instance means
-(the projection and level-set terms).
+:meth:`SOLOv2.forward_train` returns one group of positives per mask stride; the method
+(:mod:`boxmask.methods`) calls its supervision on each group and averages the losses weighted by the
+instance counts, which is the mean over all positives for per-instance means (the projection and
+level-set terms).
 """
 
 from __future__ import annotations
@@ -32,18 +32,21 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import masks_to_boxes, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
+
+from dataclasses import dataclass
 
 from ..config import ModelConfig
-from ..supervision.base import MaskInstances, MaskSupervision, SupervisionInputs
+from ..ops import tight_boxes
+from ..structures import BoxConditionedMasks, InstancePredictions, MaskInstances, TrainOutputs
 from .backbones import build_backbone
-from .box_conditioned import LOCATION_RANKS, BoxConditionedMasks, best_fitting_candidates, box_location_candidates
-from .condinst import InstancePredictions
+from .box_conditioned import best_fitting_candidates, box_location_candidates, check_box_conditioned_args
 from .fpn import SOLOFPN
 from .matrix_nms import matrix_nms
 from .solo_targets import SOLO_MASK_STRIDES, solo_targets
 
-__all__ = ["MaskFeatureBranch", "SOLOv2", "SOLOv2Head", "coord_features", "fourier_position_features", "point_nms"]
+__all__ = ["MaskFeatureBranch", "SOLOv2", "SOLOv2Features", "SOLOv2Head", "coord_features", "fourier_position_features",
+           "point_nms"]
 
 #: stride of each head level's input feature (P2 halved, P3, P4, P5, P6 resized to P5), pixels
 SOLO_HEAD_STRIDES: tuple[int, ...] = (8, 8, 16, 32, 32)
@@ -72,7 +75,7 @@ def fourier_position_features(x: Tensor, freqs: int) -> Tensor:
     Why: a dynamic 1x1 kernel selects an instance by a dot product with ``F_mask``; with these features on
     both sides, ``sum_k cos(w_k (q - p))`` peaks at the kernel's own cell, a match that raw linear
     coordinates give only after the kernel branch has learnt a high-frequency function of position (an
-    MLP's spectral bias, Tancik et al., NeurIPS 2020). Not in SOLOv2/BoxLevelSet; ``model.solo_coord_freqs``.
+    MLP's spectral bias, Tancik et al., NeurIPS 2020). Not in SOLOv2/BoxLevelSet; ``model.solov2.coord_freqs``.
     """
     b, _, h, w = x.shape
     if freqs <= 0:
@@ -189,12 +192,23 @@ def point_nms(heat: Tensor) -> Tensor:
     return heat * (hmax == heat).to(heat.dtype)
 
 
+@dataclass
+class SOLOv2Features:
+    """Outputs of one SOLOv2 forward pass (:meth:`SOLOv2.features`): per level P2..P6 the category logits
+    ``cates`` ``[B,C,S_l,S_l]`` and dynamic kernels ``kernels`` ``[B,E,S_l,S_l]``, and the unified mask
+    features ``mask_feats`` ``F_mask`` ``[B,E,Hp/4,Wp/4]``."""
+
+    cates: list[Tensor]
+    kernels: list[Tensor]
+    mask_feats: Tensor
+
+
 class SOLOv2(nn.Module):
     """BoxLevelSet's SOLOv2-style network (module docstring; methods.md §3.1-§3.4).
 
     Input images are uint8 RGB ``[B,3,Hp,Wp]`` padded to a multiple of 32, normalised with the backbone's
     ``pixel_mean``/``pixel_std``. Same interface as :class:`~boxmask.modeling.condinst.CondInst`:
-    :meth:`training_losses`, :meth:`predict`, :meth:`box_conditioned_masks` and ``mask_out_stride``.
+    :meth:`forward_train`, :meth:`predict`, :meth:`box_conditioned_masks` and ``mask_out_stride``.
 
     Args:
         cfg: the model recipe (``arch: solov2``; fields in :class:`~boxmask.config.ModelConfig`).
@@ -215,25 +229,25 @@ class SOLOv2(nn.Module):
         self.backbone = build_backbone(cfg.backbone, weights=cfg.backbone_weights, freeze_at=cfg.freeze_at,
                                        with_c2=True)
         self.fpn = SOLOFPN(self.backbone.out_channels, cfg.fpn_channels)
-        self.head = SOLOv2Head(cfg.fpn_channels, cfg.solo_head_channels, cfg.head_convs, cfg.mask_channels,
-                               num_classes, cfg.solo_grids, cfg.prior_prob, cfg.solo_coord_freqs)
+        self.head = SOLOv2Head(cfg.fpn_channels, cfg.solov2.head_channels, cfg.head_convs, cfg.mask_channels,
+                               num_classes, cfg.solov2.grids, cfg.prior_prob, cfg.solov2.coord_freqs)
         self.mask_branch = MaskFeatureBranch(cfg.fpn_channels, cfg.mask_branch_channels, cfg.mask_channels,
-                                             cfg.solo_coord_freqs)
+                                             cfg.solov2.coord_freqs)
         self.level_set_head = (nn.Conv2d(cfg.mask_channels, cfg.level_set_channels, 3, padding=1)
                                if cfg.level_set_channels > 0 else None)
         self.register_buffer("pixel_mean", torch.tensor(self.backbone.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.backbone.pixel_std).view(1, 3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------ shared
-    def _forward_features(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """uint8 ``[B,3,Hp,Wp]`` → (category logits per level, kernels per level, ``F_mask`` ``[B,E,Hp/4,Wp/4]``)."""
+    def features(self, images: Tensor) -> SOLOv2Features:
+        """One forward pass on uint8 ``[B,3,Hp,Wp]`` images: :class:`SOLOv2Features`."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
         p = self.fpn(self.backbone(x))
         mask_feats = self.mask_branch(p[:4])
         split = [F.interpolate(p[0], scale_factor=0.5, mode="bilinear", align_corners=False), p[1], p[2], p[3],
                  F.interpolate(p[4], size=p[3].shape[-2:], mode="bilinear", align_corners=False)]
         cates, kernels = self.head(split)
-        return cates, kernels, mask_feats
+        return SOLOv2Features(cates, kernels, mask_feats)
 
     @staticmethod
     def _masks(kernels: Tensor, feats: Tensor) -> Tensor:
@@ -242,29 +256,30 @@ class SOLOv2(nn.Module):
         return (kernels.to(feats.dtype) @ feats.reshape(e, h * w)).reshape(-1, h, w)
 
     # ------------------------------------------------------------------ training
-    def training_losses(self, images: Tensor, inputs: SupervisionInputs, supervision: MaskSupervision,
-                        step: int) -> dict[str, Tensor]:
-        """All training losses for one batch (methods.md §3.2-§3.3).
+    def forward_train(self, images: Tensor, boxes: list[Tensor], labels: list[Tensor]) -> TrainOutputs:
+        """Training forward pass (methods.md §3.2): the category loss and the positives' mask logits.
 
         ``loss_cls``: sigmoid focal loss (α 0.25, γ 2) over every grid cell of every level, summed and
-        divided by ``N_pos + 1``; the mask losses of ``supervision`` on the positives' mask logits at their
-        level's mask stride. Targets come from :func:`~boxmask.modeling.solo_targets.solo_targets` (boxes
-        and labels only). ``model.max_proposals > 0`` keeps that many random positives per batch.
+        divided by ``N_pos + 1``. Targets come from :func:`~boxmask.modeling.solo_targets.solo_targets` (boxes
+        and labels only). The positives are grouped by their level's mask stride (4, 8 or 16): one
+        :class:`~boxmask.structures.MaskInstances` per stride with positives, logits ``K · F_mask`` at that
+        stride, sorted by image, all sharing ``level_set_feats`` (``F_ls`` at stride 4) when the model has the
+        level-set head; one empty stride-4 group when the batch has no positives. ``model.max_proposals > 0``
+        keeps that many random positives per batch.
 
         Args:
             images: uint8 ``[B,3,Hp,Wp]``.
-            inputs: the supervision's view of the batch (boxes/labels in padded-image pixels).
-            supervision: the mask supervision.
-            step: global step (0-based), for warm-ups.
-        Returns a dict of fp32 scalar losses whose sum is the training objective.
+            boxes: per image float ``[N_i,4]`` xyxy padded-image pixels; labels: per image int64 ``[N_i]``.
+        Returns :class:`~boxmask.structures.TrainOutputs`.
         """
         cfg = self.cfg
-        cates, kernels, mask_feats = self._forward_features(images)
+        f = self.features(images)
+        cates, kernels, mask_feats = f.cates, f.kernels, f.mask_feats
         hp, wp = images.shape[-2:]
         batch = images.shape[0]
-        ranges = tuple(tuple(float(v) for v in r) for r in cfg.solo_scale_ranges)
-        targets = [solo_targets(inputs.boxes[b].to(images.device).float(), inputs.labels[b].to(images.device),
-                                (hp, wp), self.num_classes, tuple(cfg.solo_grids), ranges, cfg.solo_sigma)
+        ranges = tuple(tuple(float(v) for v in r) for r in cfg.solov2.scale_ranges)
+        targets = [solo_targets(boxes[b].to(images.device).float(), labels[b].to(images.device),
+                                (hp, wp), self.num_classes, tuple(cfg.solov2.grids), ranges, cfg.solov2.sigma)
                    for b in range(batch)]
         # category loss over all cells of all levels
         flat_cate = torch.cat([c.permute(0, 2, 3, 1).reshape(batch, -1, self.num_classes) for c in cates], dim=1)
@@ -292,20 +307,11 @@ class SOLOv2(nn.Module):
         if cfg.max_proposals > 0:
             groups = _subsample(groups, cfg.max_proposals)
 
-        losses: dict[str, Tensor] = {"loss_cls": loss_cls}
-        total = sum(len(t) for g in groups.values() for t in g["gt"])
         # keeps every parameter in the graph (DDP) whatever the positives and the supervision use
         anchor = mask_feats.sum() * 0 + sum(k.sum() for k in kernels) * 0
         if level_set_feats is not None:
             anchor = anchor + level_set_feats.sum() * 0
-        if total == 0:
-            empty = MaskInstances(mask_feats.new_zeros(0, 1, hp // MASK_FEAT_STRIDE, wp // MASK_FEAT_STRIDE),
-                                  flat_labels.new_zeros(0), flat_labels.new_zeros(0), flat_labels.new_zeros(0),
-                                  stride=MASK_FEAT_STRIDE, level_set_feats=level_set_feats)
-            for name, value in supervision.losses(empty, inputs, step).items():
-                losses[name] = value + anchor
-            return losses
-        mask_losses: dict[str, Tensor] = {}
+        instance_groups = []
         for stride in sorted(groups):
             g = groups[stride]
             kern = torch.cat(g["kernels"])
@@ -317,14 +323,15 @@ class SOLOv2(nn.Module):
             logits = torch.cat([self._masks(kern[im_inds == b], feats[b]) for b in range(batch)])[:, None]
             # the per-image product sorted instances by image: keep that order for the other fields
             order = torch.argsort(im_inds, stable=True)
-            inst = MaskInstances(logits.float(), im_inds[order], torch.cat(g["gt"])[order],
-                                 torch.cat(g["labels"])[order], stride=stride, level_set_feats=level_set_feats)
-            weight = len(inst) / total
-            for name, value in supervision.losses(inst, inputs, step).items():
-                mask_losses[name] = mask_losses.get(name, 0) + weight * value
-        for name, value in mask_losses.items():
-            losses[name] = value + anchor
-        return losses
+            instance_groups.append(MaskInstances(logits.float(), im_inds[order], torch.cat(g["gt"])[order],
+                                                 torch.cat(g["labels"])[order], stride=stride,
+                                                 level_set_feats=level_set_feats))
+        if not instance_groups:
+            instance_groups.append(MaskInstances(mask_feats.new_zeros(0, 1, hp // MASK_FEAT_STRIDE, wp // MASK_FEAT_STRIDE),
+                                                 flat_labels.new_zeros(0), flat_labels.new_zeros(0),
+                                                 flat_labels.new_zeros(0), stride=MASK_FEAT_STRIDE,
+                                                 level_set_feats=level_set_feats))
+        return TrainOutputs({"loss_cls": loss_cls}, instance_groups, anchor)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -336,8 +343,8 @@ class SOLOv2(nn.Module):
         ``score_threshold`` (at most ``pre_nms_topk`` by probability get a mask); mask probabilities at
         stride 4, binary at ``mask_threshold``; masks with area <= the level's head stride dropped; score ×=
         maskness (mean probability inside the binary mask); the ``pre_nms_topk`` best go through
-        :func:`~boxmask.modeling.matrix_nms.matrix_nms` (gaussian, ``matrix_nms_sigma``); decayed scores >=
-        ``matrix_nms_filter`` are kept, at most ``max_detections``. Probabilities are upsampled ×4
+        :func:`~boxmask.modeling.matrix_nms.matrix_nms` (gaussian, ``solov2.matrix_nms_sigma``); decayed scores >=
+        ``solov2.matrix_nms_filter`` are kept, at most ``max_detections``. Probabilities are upsampled ×4
         (bilinear) to the padded size, cropped to ``image_sizes``, resized to ``orig_sizes`` and
         thresholded at ``mask_threshold``. Boxes are the tight boxes of the final masks (``x2`` = last
         column + 1, pixels), zeros for an empty mask.
@@ -355,7 +362,7 @@ class SOLOv2(nn.Module):
                                                torch.zeros(0, oh, ow, dtype=torch.bool, device=images.device)))
                 continue
             final = F.interpolate(up[:, None], size=(oh, ow), mode="bilinear", align_corners=False)[:, 0] > self.cfg.mask_threshold
-            out.append(InstancePredictions(_tight_boxes(final), scores, labels, final))
+            out.append(InstancePredictions(tight_boxes(final), scores, labels, final))
         return out
 
     @torch.no_grad()
@@ -364,11 +371,12 @@ class SOLOv2(nn.Module):
         ``(scores float32 [N], labels int64 [N], mask probabilities float32 [N,h,w])`` at the resized image
         size ``image_sizes[b]`` (upsampled ×4 bilinear to the padded size and cropped), sorted by score."""
         cfg = self.cfg
-        cates, kernels, mask_feats = self._forward_features(images)
+        f = self.features(images)
+        cates, kernels, mask_feats = f.cates, f.kernels, f.mask_feats
         hp, wp = images.shape[-2:]
         out = []
         level_stride = torch.cat([torch.full((s * s,), float(SOLO_HEAD_STRIDES[l]), device=images.device)
-                                  for l, s in enumerate(cfg.solo_grids)])
+                                  for l, s in enumerate(cfg.solov2.grids)])
         for b, (h, w) in enumerate(image_sizes):
             probs = torch.cat([point_nms(c[b:b + 1].float().sigmoid())[0].flatten(1).t() for c in cates])  # [N,C]
             kern = torch.cat([k[b].flatten(1).t() for k in kernels])  # [N,E]
@@ -388,8 +396,8 @@ class SOLOv2(nn.Module):
                 labels, scores = labels[keep], scores[keep]
                 maskness = (mask_probs * masks).sum((1, 2)) / area.clamp(min=1)
                 scores = scores * maskness
-                scores = matrix_nms(masks, labels, scores, sigma=cfg.matrix_nms_sigma, mask_area=area)
-                keep = torch.nonzero(scores >= cfg.matrix_nms_filter).squeeze(1)
+                scores = matrix_nms(masks, labels, scores, sigma=cfg.solov2.matrix_nms_sigma, mask_area=area)
+                keep = torch.nonzero(scores >= cfg.solov2.matrix_nms_filter).squeeze(1)
                 keep = keep[scores[keep].argsort(descending=True)][: cfg.max_detections]
                 labels, scores, keep_probs = labels[keep], scores[keep], mask_probs[keep]
             if len(keep_probs) == 0:
@@ -415,26 +423,21 @@ class SOLOv2(nn.Module):
         (their kernel on ``F_mask``) and the one with the smallest BoxInst projection term against the box
         is kept. Returned ``loc_inds`` index the levels-concatenated cells, ``locations`` are cell centres.
 
-        Arguments, returns and errors as :func:`boxmask.modeling.box_conditioned.box_conditioned_masks`.
+        Arguments, returns and errors as :meth:`boxmask.modeling.condinst.CondInst.box_conditioned_masks`.
         """
-        if candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {candidates}")
-        if rank not in LOCATION_RANKS:
-            raise ValueError(f"rank must be one of {LOCATION_RANKS}, got {rank!r}")
+        check_box_conditioned_args(images, boxes, labels, rank, candidates)
         batch = images.shape[0]
-        if len(boxes) != batch or (labels is not None and len(labels) != batch):
-            raise ValueError(f"{batch} images but {len(boxes)} box lists"
-                             + ("" if labels is None else f" and {len(labels)} label lists"))
-        cates, kernels, mask_feats = self._forward_features(images)
+        f = self.features(images)
+        cates, kernels, mask_feats = f.cates, f.kernels, f.mask_feats
         hp, wp = images.shape[-2:]
         centres, level_of = [], []
-        for level, s in enumerate(self.cfg.solo_grids):
+        for level, s in enumerate(self.cfg.solov2.grids):
             idx = torch.arange(s, device=images.device, dtype=torch.float32)
             cy, cx = torch.meshgrid((idx + 0.5) * hp / s, (idx + 0.5) * wp / s, indexing="ij")
             centres.append(torch.stack([cx.flatten(), cy.flatten()], dim=1))
             level_of.append(torch.full((s * s,), level, dtype=torch.int64, device=images.device))
         centres, level_of = torch.cat(centres), torch.cat(level_of)
-        num_finest = self.cfg.solo_grids[0] ** 2
+        num_finest = self.cfg.solov2.grids[0] ** 2
         out = []
         for b in range(batch):
             scores = torch.cat([c[b].float().sigmoid().flatten(1).t() for c in cates])  # [N,C]
@@ -455,21 +458,13 @@ class SOLOv2(nn.Module):
 
 
     def _levels_for_boxes(self, boxes: Tensor) -> Tensor:
-        """bool ``[N, 5]``: levels whose ``solo_scale_ranges`` hold ``sqrt(w h)`` of each box (all levels for
+        """bool ``[N, 5]``: levels whose ``solov2.scale_ranges`` hold ``sqrt(w h)`` of each box (all levels for
         a box that fits none), as in :func:`~boxmask.modeling.solo_targets.solo_targets`."""
         scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
-        lo = torch.tensor([r[0] for r in self.cfg.solo_scale_ranges], device=boxes.device, dtype=scale.dtype)
-        hi = torch.tensor([r[1] for r in self.cfg.solo_scale_ranges], device=boxes.device, dtype=scale.dtype)
+        lo = torch.tensor([r[0] for r in self.cfg.solov2.scale_ranges], device=boxes.device, dtype=scale.dtype)
+        hi = torch.tensor([r[1] for r in self.cfg.solov2.scale_ranges], device=boxes.device, dtype=scale.dtype)
         ok = (scale[:, None] >= lo) & (scale[:, None] <= hi)
         return ok | ~ok.any(1, keepdim=True)
-
-
-def _tight_boxes(masks: Tensor) -> Tensor:
-    """Tight xyxy boxes of bool masks ``[N,H,W]`` with ``x2``/``y2`` = last column/row + 1 (pixels; the
-    convention of COCO ``[x, y, w, h]`` boxes); zeros for an empty mask."""
-    boxes = masks_to_boxes(masks).float() if len(masks) else torch.zeros(0, 4, device=masks.device)
-    boxes[:, 2:] += 1
-    return boxes * masks.flatten(1).any(1, keepdim=True)
 
 
 def _subsample(groups: dict[int, dict[str, list[Tensor]]], max_total: int) -> dict[int, dict[str, list[Tensor]]]:

@@ -18,11 +18,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..config import SupervisionConfig
+from ..ops import as_khw, box_masks_at_stride, projection_terms
 from .base import MaskInstances, MaskSupervision, SupervisionInputs
 from .color import _shift_slices, image_validity_masks, lab_color_similarity, neighbor_offsets
 
 __all__ = [
     "BoxInstSupervision",
+    "boxinst_losses",
     "box_masks_at_stride",
     "instance_box_masks",
     "pairwise_loss",
@@ -30,48 +32,6 @@ __all__ = [
     "projection_loss",
     "projection_terms",
 ]
-
-_DICE_EPS = 1e-5
-
-
-def box_masks_at_stride(boxes: Tensor, padded_hw: tuple[int, int], stride: int = 4) -> Tensor:
-    """Binary box masks point-sampled at the mask stride (methods.md §2.1).
-
-    Definition (AdelaiDet): fill ``M[floor(y1):floor(y2)+1, floor(x1):floor(x2)+1] = 1`` on the
-    ``Hp x Wp`` full-resolution grid (inclusive end, clipped to the grid), then sample
-    ``M[s//2::s, s//2::s]``. Computed in closed form on the sampled grid -- sample ``(i, j)`` sits at
-    pixel ``(s//2 + i s, s//2 + j s)`` and is inside iff ``floor(y1) <= y <= floor(y2)`` and likewise
-    for x -- so no full-resolution mask is built. For coordinates >= 0 this equals the reference's
-    ``int()`` truncation; negative coordinates are treated geometrically (no Python wrap-around).
-
-    Args:
-        boxes: ``[N, 4]`` float ``(x1, y1, x2, y2)`` in pixels of the resized, padded image.
-        padded_hw: ``(Hp, Wp)`` of the padded image, pixels.
-        stride: mask output stride ``s`` in pixels (BoxInst: 4).
-
-    Returns:
-        float32 ``[N, len(range(s//2, Hp, s)), len(range(s//2, Wp, s))]`` (= ``[N, Hp/s, Wp/s]`` when
-        divisible) of 0/1 values, on ``boxes``' device.
-
-    Raises:
-        ValueError: if ``boxes`` is not ``[N, 4]`` or ``stride < 1``.
-    """
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"box_masks_at_stride: boxes must be [N, 4] xyxy, got {tuple(boxes.shape)}")
-    if stride < 1:
-        raise ValueError(f"box_masks_at_stride: stride must be >= 1, got {stride}")
-    hp, wp = (int(v) for v in padded_hw)
-    start = stride // 2
-    # float32 holds pixel indices exactly up to 2**24; fp16/bf16 boxes would not
-    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
-    ys = torch.arange(start, hp, stride, device=boxes.device, dtype=dtype)
-    xs = torch.arange(start, wp, stride, device=boxes.device, dtype=dtype)
-    lo = boxes.to(dtype).floor()
-    x1, y1, x2, y2 = lo.unbind(dim=1)
-    in_y = (ys[None, :] >= y1[:, None]) & (ys[None, :] <= y2[:, None])
-    in_x = (xs[None, :] >= x1[:, None]) & (xs[None, :] <= x2[:, None])
-    return (in_y[:, :, None] & in_x[:, None, :]).to(torch.float32)
-
 
 def instance_box_masks(instances: MaskInstances, inputs: SupervisionInputs) -> Tensor:
     """Box mask of each sampled instance's GT at the instance stride (:func:`box_masks_at_stride`).
@@ -87,24 +47,6 @@ def instance_box_masks(instances: MaskInstances, inputs: SupervisionInputs) -> T
     boxes = torch.cat(inputs.boxes).to(device).float() if inputs.boxes else torch.zeros(0, 4, device=device)
     box_masks = box_masks_at_stride(boxes, tuple(inputs.images.shape[-2:]), instances.stride)
     return box_masks[instances.gt_rows([len(b) for b in inputs.boxes])]
-
-
-def _as_khw(mask_logits: Tensor, name: str) -> Tensor:
-    """``[K, 1, h, w]`` or ``[K, h, w]`` logits -> ``[K, h, w]`` in float32 (float64 kept, for gradcheck)."""
-    if mask_logits.dim() == 4 and mask_logits.shape[1] == 1:
-        mask_logits = mask_logits[:, 0]
-    if mask_logits.dim() != 3:
-        raise ValueError(f"{name}: mask_logits must be [K, 1, h, w] or [K, h, w], got {tuple(mask_logits.shape)}")
-    if mask_logits.dtype != torch.float64:
-        mask_logits = mask_logits.to(torch.float32)
-    return mask_logits
-
-
-def _dice_loss(x: Tensor, target: Tensor) -> Tensor:
-    """Per-row ``1 - 2 sum(x t) / (sum(x^2) + sum(t^2) + 1e-5)``; ``[K, L]`` -> ``[K]``."""
-    inter = (x * target).sum(dim=1)
-    union = (x * x).sum(dim=1) + (target * target).sum(dim=1) + _DICE_EPS
-    return 1.0 - 2.0 * inter / union
 
 
 def projection_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
@@ -129,33 +71,6 @@ def projection_loss(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
     if terms.shape[0] == 0:
         return mask_logits.sum().to(terms.dtype) * 0.0
     return terms.mean()
-
-
-def projection_terms(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
-    """Per-instance projection term ``dice(max_y p, max_y B) + dice(max_x p, max_x B)`` (methods.md §2.3).
-
-    :func:`projection_loss` is its mean; box-conditioned inference ranks candidate masks by it.
-
-    Args:
-        mask_logits: ``[K, 1, h, w]`` or ``[K, h, w]`` mask logits, any float dtype.
-        box_masks: ``[K, h, w]`` 0/1 box masks.
-
-    Returns:
-        float32 ``[K]`` in ``[0, 2]`` (float64 for float64 logits).
-
-    Raises:
-        ValueError: on shape mismatch.
-    """
-    logits = _as_khw(mask_logits, "projection_loss")
-    if box_masks.shape != logits.shape:
-        raise ValueError(
-            f"projection_loss: box_masks shape {tuple(box_masks.shape)} != mask logits {tuple(logits.shape)}"
-        )
-    probs = logits.sigmoid()
-    target = box_masks.to(logits.dtype)
-    loss_x = _dice_loss(probs.amax(dim=1), target.amax(dim=1))  # projection onto the x axis
-    loss_y = _dice_loss(probs.amax(dim=2), target.amax(dim=2))  # projection onto the y axis
-    return loss_x + loss_y
 
 
 def _channel(similarity: Tensor, k: int, im_inds: Tensor | None) -> Tensor:
@@ -255,7 +170,7 @@ def pairwise_loss(
     Raises:
         ValueError: on shape mismatch, a similarity without 8 channels or ``im_inds`` out of range.
     """
-    logits = _as_khw(mask_logits, "pairwise_loss")
+    logits = as_khw(mask_logits, "pairwise_loss")
     k, h, w = logits.shape
     if im_inds is None:
         if similarity.shape != (k, 8, h, w):
@@ -316,57 +231,64 @@ def pairwise_warmup_factor(step: int, warmup_iters: int) -> float:
 class BoxInstSupervision(MaskSupervision):
     """BoxInst mask losses: projection + colour pairwise with linear warm-up (methods.md §2).
 
-    Uses only boxes and the un-normalised image; ``uses_gt_masks`` is False, so the model never
-    hands it ground-truth masks. Colour similarity is computed once per image per step on the
+    Uses only boxes and the un-normalised image; the methods that use it build their batch view without
+    ground-truth masks (:mod:`boxmask.methods`). Colour similarity is computed once per image per step on the
     training device.
     """
-
-    uses_gt_masks = False
 
     def __init__(self, cfg: SupervisionConfig):
         self.cfg = cfg
 
-    def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int,
-               box_masks: Tensor | None = None, similarity_scale: Tensor | None = None) -> dict[str, Tensor]:
-        """``{"loss_proj", "loss_pairwise"}`` (float32 scalars, weighted; pairwise with its warm-up).
+    def losses(self, instances: MaskInstances, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
+        """``{"loss_proj", "loss_pairwise"}`` (float32 scalars, weighted; pairwise with its warm-up):
+        :func:`boxinst_losses` with each positive's box mask and the colour similarity of its image."""
+        return boxinst_losses(self.cfg, instances, inputs, step)
 
-        Args:
-            instances: sampled positives, ``logits`` ``[K,1,h,w]`` at ``instances.stride``.
-            inputs: box-only batch view (uint8 ``images``, per-image ``boxes``).
-            step: 0-based global step (pairwise warm-up).
-            box_masks: optional float ``[K,h,w]`` 0/1 masks replacing each positive's box mask (SIM's
-                pasted objects use their paste mask, methods.md §5.6); default: :func:`instance_box_masks`.
-            similarity_scale: optional float ``[B,8,h,w]`` in ``[0,1]`` multiplied into the colour
-                similarity before the threshold (SIM's feature-aware affinity, methods.md §5.2).
 
-        Raises:
-            ValueError: if an override has the wrong shape.
-        """
-        cfg = self.cfg
-        logits = instances.logits.float()
-        if len(instances) == 0:
-            zero = logits.sum() * 0
-            return {"loss_proj": zero, "loss_pairwise": zero}
-        stride = instances.stride
-        padded_hw = tuple(inputs.images.shape[-2:])
-        device = logits.device
-        bottom_rows = [int(cfg.bottom_pixels_removed * h / oh) for (h, _), (oh, _) in zip(inputs.image_sizes, inputs.orig_sizes)]
-        valid = image_validity_masks(inputs.image_sizes, padded_hw, bottom_rows, device)
-        used = torch.unique(instances.im_inds)
-        similarity = torch.zeros(len(inputs.boxes), 8, padded_hw[0] // stride, padded_hw[1] // stride, device=device)
-        similarity[used] = lab_color_similarity(inputs.images[used], valid[used], stride, cfg.pairwise_dilation)
-        if similarity_scale is not None:
-            if similarity_scale.shape != similarity.shape:
-                raise ValueError(f"BoxInstSupervision: similarity_scale must be {tuple(similarity.shape)}, "
-                                 f"got {tuple(similarity_scale.shape)}")
-            similarity = similarity * similarity_scale.to(similarity)
-        inst_box_masks = instance_box_masks(instances, inputs) if box_masks is None else box_masks.float()
-        if inst_box_masks.shape != logits.shape[:1] + logits.shape[-2:]:
-            raise ValueError(f"BoxInstSupervision: box_masks must be {tuple(logits.shape[:1] + logits.shape[-2:])}, "
-                             f"got {tuple(inst_box_masks.shape)}")
-        loss_proj = projection_loss(logits, inst_box_masks)
-        loss_pair = pairwise_loss(logits, similarity, inst_box_masks, cfg.color_threshold, cfg.pairwise_dilation,
-                                  im_inds=instances.im_inds)
-        # AdelaiDet counts iterations from 1
-        warm = pairwise_warmup_factor(step + 1, cfg.pairwise_warmup_iters)
-        return {"loss_proj": cfg.projection_weight * loss_proj, "loss_pairwise": cfg.pairwise_weight * warm * loss_pair}
+def boxinst_losses(cfg: SupervisionConfig, instances: MaskInstances, inputs: SupervisionInputs, step: int,
+                   box_masks: Tensor | None = None, similarity_scale: Tensor | None = None) -> dict[str, Tensor]:
+    """BoxInst's weighted projection and pairwise losses (methods.md §2.3-2.4) of one batch.
+
+    Args:
+        cfg: weights, colour threshold, dilation, pairwise warm-up, ``bottom_pixels_removed``.
+        instances: sampled positives, ``logits`` ``[K,1,h,w]`` at ``instances.stride``.
+        inputs: box-only batch view (uint8 ``images``, per-image ``boxes``).
+        step: 0-based global step (pairwise warm-up; AdelaiDet counts from 1).
+        box_masks: optional float ``[K,h,w]`` 0/1 masks in place of each positive's box mask (SIM's pasted
+            objects use their paste mask, methods.md §5.6); default: :func:`instance_box_masks`.
+        similarity_scale: optional float ``[B,8,h,w]`` in ``[0,1]`` multiplied into the colour similarity
+            before the threshold (SIM's feature-aware affinity, methods.md §5.2).
+
+    Returns:
+        ``{"loss_proj", "loss_pairwise"}``, float32 scalars (graph-connected zeros when ``K == 0``).
+
+    Raises:
+        ValueError: if an override has the wrong shape.
+    """
+    logits = instances.logits.float()
+    if len(instances) == 0:
+        zero = logits.sum() * 0
+        return {"loss_proj": zero, "loss_pairwise": zero}
+    stride = instances.stride
+    padded_hw = tuple(inputs.images.shape[-2:])
+    device = logits.device
+    bottom_rows = [int(cfg.bottom_pixels_removed * h / oh) for (h, _), (oh, _) in zip(inputs.image_sizes, inputs.orig_sizes)]
+    valid = image_validity_masks(inputs.image_sizes, padded_hw, bottom_rows, device)
+    used = torch.unique(instances.im_inds)
+    similarity = torch.zeros(len(inputs.boxes), 8, padded_hw[0] // stride, padded_hw[1] // stride, device=device)
+    similarity[used] = lab_color_similarity(inputs.images[used], valid[used], stride, cfg.pairwise_dilation)
+    if similarity_scale is not None:
+        if similarity_scale.shape != similarity.shape:
+            raise ValueError(f"boxinst_losses: similarity_scale must be {tuple(similarity.shape)}, "
+                             f"got {tuple(similarity_scale.shape)}")
+        similarity = similarity * similarity_scale.to(similarity)
+    inst_box_masks = instance_box_masks(instances, inputs) if box_masks is None else box_masks.float()
+    if inst_box_masks.shape != logits.shape[:1] + logits.shape[-2:]:
+        raise ValueError(f"boxinst_losses: box_masks must be {tuple(logits.shape[:1] + logits.shape[-2:])}, "
+                         f"got {tuple(inst_box_masks.shape)}")
+    loss_proj = projection_loss(logits, inst_box_masks)
+    loss_pair = pairwise_loss(logits, similarity, inst_box_masks, cfg.color_threshold, cfg.pairwise_dilation,
+                              im_inds=instances.im_inds)
+    # AdelaiDet counts iterations from 1
+    warm = pairwise_warmup_factor(step + 1, cfg.pairwise_warmup_iters)
+    return {"loss_proj": cfg.projection_weight * loss_proj, "loss_pairwise": cfg.pairwise_weight * warm * loss_pair}

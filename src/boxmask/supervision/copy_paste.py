@@ -26,12 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..ops import tight_boxes
+
 __all__ = [
     "MemoryBank",
     "PasteEntry",
     "PasteResult",
     "box_masks_full_res",
-    "paste_entry_from_probs",
+    "paste_entry",
     "paste_instances",
     "paste_masks_and_scores",
     "select_instances",
@@ -140,39 +142,38 @@ def paste_masks_and_scores(probs: Tensor, box_masks: Tensor, threshold: float = 
     return masks, (probs.float() * masks).sum(dim=(1, 2)) / area.clamp(min=1)
 
 
-def paste_entry_from_probs(image: Tensor, probs: Tensor, box_masks: Tensor, labels: Tensor,
-                           threshold: float = 0.7) -> PasteEntry:
-    """Build a :class:`PasteEntry` from teacher instance probabilities (methods.md §5.6, first item).
-
-    Paste mask ``= [probs > threshold] ∧ box_mask``; score = mean of ``probs`` inside the paste mask.
-    Instances whose paste mask is empty are left out (they could not be pasted). The caller brings
-    ``probs`` to the input resolution first (SIM: the teacher mean mask ``M_I`` upsampled ×4).
+def paste_entry(image: Tensor, masks: Tensor, scores: Tensor, labels: Tensor,
+                max_instances: int | None = None) -> PasteEntry | None:
+    """A bank entry from an image and its paste masks (methods.md §5.6, first item): instances whose paste mask
+    is empty are left out (they could not be pasted), then at most ``max_instances`` of the highest score are
+    kept (None = all; ties keep the earlier instance first in score order).
 
     Args:
         image: uint8 ``[3, H, W]``, padded un-normalised input image.
-        probs: float ``[N, H, W]`` probabilities in ``[0, 1]`` at input resolution.
-        box_masks: bool ``[N, H, W]`` filled GT boxes (:func:`box_masks_full_res`).
+        masks: bool ``[N, H, W]`` paste masks and scores float ``[N]`` (:func:`paste_masks_and_scores`).
         labels: integer ``[N]`` class indices.
-        threshold: binarisation threshold (SIM: 0.7).
+        max_instances: bound on the entry's instances (SIM: ``supervision.sim.bank_max_instances``).
 
     Returns:
-        A :class:`PasteEntry` with ``N' <= N`` instances on ``image``'s device (not yet copied to CPU).
+        A :class:`PasteEntry` with ``N' <= N`` instances on ``image``'s device (not yet copied to CPU), or None
+        when every mask is empty.
 
     Raises:
         ValueError: on wrong shapes or dtypes.
     """
-    hw = _check_image(image, "paste_entry_from_probs")
-    if probs.dim() != 3 or tuple(probs.shape[1:]) != hw or not probs.is_floating_point():
-        raise ValueError(f"paste_entry_from_probs: probs must be float [N, {hw[0]}, {hw[1]}], "
-                         f"got {probs.dtype} {tuple(probs.shape)}")
-    n = probs.shape[0]
-    if _check_masks(box_masks, hw, "paste_entry_from_probs", "box_masks") != n:
-        raise ValueError(f"paste_entry_from_probs: box_masks has {box_masks.shape[0]} instances, probs {n}")
-    labels = _check_labels(labels, n, "paste_entry_from_probs")
-    masks, scores = paste_masks_and_scores(probs, box_masks, threshold)
-    keep = masks.flatten(1).any(dim=1)
+    hw = _check_image(image, "paste_entry")
+    n = _check_masks(masks, hw, "paste_entry")
+    if scores.shape != (n,):
+        raise ValueError(f"paste_entry: scores must be [{n}], got {tuple(scores.shape)}")
+    labels = _check_labels(labels, n, "paste_entry")
+    keep = torch.nonzero(masks.flatten(1).any(dim=1)).flatten()
+    if len(keep) == 0:
+        return None
+    order = scores[keep].argsort(descending=True)
+    keep = keep[order if max_instances is None else order[:max_instances]]
     dev = image.device
-    return PasteEntry(image, masks[keep].to(dev), labels.to(dev)[keep.to(dev)], scores[keep].to(dev))
+    labels = labels.to(keep.device)
+    return PasteEntry(image, masks[keep].to(dev), labels[keep].to(dev), scores[keep].to(dev))
 
 
 class MemoryBank:
@@ -357,19 +358,6 @@ def box_masks_full_res(boxes: Tensor, hw: tuple[int, int]) -> Tensor:
     return in_y[:, :, None] & in_x[:, None, :]
 
 
-def _tight_boxes(masks: Tensor) -> Tensor:
-    """float64 ``[K, 4]`` tight boxes ``(first col, first row, last col + 1, last row + 1)`` of non-empty
-    bool masks ``[K, H, W]`` (empty masks give meaningless values)."""
-    _, h, w = masks.shape
-    cols = masks.any(dim=1).to(torch.uint8)  # [K, W]
-    rows = masks.any(dim=2).to(torch.uint8)  # [K, H]
-    x1 = cols.argmax(dim=1)
-    x2 = w - cols.flip(1).argmax(dim=1)
-    y1 = rows.argmax(dim=1)
-    y2 = h - rows.flip(1).argmax(dim=1)
-    return torch.stack([x1, y1, x2, y2], dim=1).to(torch.float64)
-
-
 @dataclass
 class PasteResult:
     """Output of :func:`paste_instances` (``K = M' + P'``: kept originals first, then kept pastes).
@@ -476,11 +464,11 @@ def paste_instances(image: Tensor, boxes: Tensor, labels: Tensor, box_masks: Ten
 
     rem = remaining[kept]
     orig = boxes.detach().to(dev, torch.float64)[kept]
-    tight = _tight_boxes(rem)
+    tight = tight_boxes(rem).to(torch.float64)
     # intersect with the original box: the pixel grid only knows integer edges, the annotation may not
     new_orig = torch.cat([torch.maximum(tight[:, :2], orig[:, :2]), torch.minimum(tight[:, 2:], orig[:, 2:])], dim=1)
     pasted_masks = vis[src_kept]
-    pasted_boxes = _tight_boxes(pasted_masks)
+    pasted_boxes = tight_boxes(pasted_masks).to(torch.float64)
 
     k_orig, k_src = kept.numel(), src_kept.numel()
     return PasteResult(

@@ -8,7 +8,7 @@
   projection + pairwise losses (methods.md §2.3-2.4, :mod:`boxmask.supervision.boxinst`) where it has
   only a box.
 
-Both read ``SupervisionInputs.masks`` / ``has_mask`` (``uses_gt_masks = True``); the training engine
+Both read ``SupervisionInputs.masks`` / ``has_mask`` (their methods declare ``reads_gt_masks``); the training engine
 fills them only for these supervisions.
 """
 
@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..config import SupervisionConfig
 from .base import MaskInstances, MaskSupervision, SupervisionInputs
-from .boxinst import BoxInstSupervision, _as_khw, _dice_loss
+from ..ops import as_khw, row_dice_loss
+from .boxinst import BoxInstSupervision
 
 __all__ = ["FullMaskSupervision", "MixedSupervision", "dice_loss", "gt_masks_at_stride"]
 
@@ -88,10 +89,10 @@ def dice_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
     Raises:
         ValueError: on a shape mismatch.
     """
-    logits = _as_khw(mask_logits, "dice_loss")
+    logits = as_khw(mask_logits, "dice_loss")
     if targets.shape != logits.shape:
         raise ValueError(f"dice_loss: targets shape {tuple(targets.shape)} != mask logits {tuple(logits.shape)}")
-    return _dice_loss(logits.sigmoid().flatten(1), targets.to(logits.dtype).flatten(1))
+    return row_dice_loss(logits.sigmoid().flatten(1), targets.to(logits.dtype).flatten(1))
 
 
 def _instance_targets(instances: MaskInstances, inputs: SupervisionInputs, who: str) -> tuple[Tensor, Tensor]:
@@ -132,8 +133,6 @@ class FullMaskSupervision(MaskSupervision):
 
     ``losses`` raises ValueError when ``inputs.masks`` is None or inconsistent with the boxes.
     """
-
-    uses_gt_masks = True
 
     def __init__(self, cfg: SupervisionConfig | None = None):
         self.cfg = cfg if cfg is not None else SupervisionConfig(type="full")
@@ -181,8 +180,6 @@ class MixedSupervision(MaskSupervision):
 
     ``losses`` raises ValueError when ``inputs.masks`` is None or inconsistent with the boxes.
     """
-
-    uses_gt_masks = True
 
     def __init__(self, cfg: SupervisionConfig | None = None):
         self.cfg = cfg if cfg is not None else SupervisionConfig(type="mixed")

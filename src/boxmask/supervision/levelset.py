@@ -17,25 +17,13 @@ from torch import Tensor
 
 from ..config import SupervisionConfig
 from .base import MaskInstances, MaskSupervision, SupervisionInputs
+from ..ops import as_khw
 from .boxinst import instance_box_masks, projection_loss
 from .tree_filter import GridTree, grid_mst, tree_filter
 
 __all__ = ["LevelSetSupervision", "chan_vese_energy", "length_energy", "levelset_loss", "levelset_targets"]
 
 _MEAN_EPS = 1e-5  # floor of the region areas sum(u_f), sum(u_b) in the mean intensities c1, c2
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _as_khw(x: Tensor, name: str, what: str) -> Tensor:
-    """``[K, 1, h, w]`` or ``[K, h, w]`` -> ``[K, h, w]`` in float32 (float64 kept)."""
-    if x.dim() == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.dim() != 3:
-        raise ValueError(f"{name}: {what} must be [K, 1, h, w] or [K, h, w], got {tuple(x.shape)}")
-    return x.to(_compute_dtype(x))
 
 
 def _pixel_num(box: Tensor) -> Tensor:
@@ -64,7 +52,7 @@ def chan_vese_energy(probs: Tensor, target: Tensor, box_masks: Tensor) -> Tensor
     Raises:
         ValueError: on shape mismatch.
     """
-    p = _as_khw(probs, "chan_vese_energy", "probs")
+    p = as_khw(probs, "chan_vese_energy", "probs")
     k, h, w = p.shape
     if target.dim() != 4 or target.shape[0] != k or tuple(target.shape[2:]) != (h, w):
         raise ValueError(
@@ -100,7 +88,7 @@ def length_energy(probs: Tensor, box_masks: Tensor) -> Tensor:
     Raises:
         ValueError: on shape mismatch.
     """
-    p = _as_khw(probs, "length_energy", "probs")
+    p = as_khw(probs, "length_energy", "probs")
     if box_masks.shape != p.shape:
         raise ValueError(f"length_energy: box_masks shape {tuple(box_masks.shape)} != probs {tuple(p.shape)}")
     box = box_masks.to(p.dtype)
@@ -148,7 +136,7 @@ def levelset_targets(
     Returns:
         ``(F1, F2)``, each float32 ``[K, 1, h, w]`` (float64 for float64 ``probs``).
     """
-    p = _as_khw(probs, "levelset_targets", "probs")
+    p = as_khw(probs, "levelset_targets", "probs")
     img = images.detach().to(p.dtype)
     feats = level_set_feats.to(p.dtype)
     if image_tree is None:
@@ -204,7 +192,7 @@ def levelset_loss(
     Raises:
         ValueError: on shape mismatch or ``im_inds`` out of range.
     """
-    logits = _as_khw(mask_logits, "levelset_loss", "mask_logits")
+    logits = as_khw(mask_logits, "levelset_loss", "mask_logits")
     k, h, w = logits.shape
     if box_masks.shape != (k, h, w):
         raise ValueError(f"levelset_loss: box_masks must be [K, h, w] = {(k, h, w)}, got {tuple(box_masks.shape)}")
@@ -253,13 +241,11 @@ class LevelSetSupervision(MaskSupervision):
     :func:`levelset_loss` of the sampled instances, with ``I_img`` the ImageNet-normalised RGB image
     bilinearly resized to the mask grid (stride 4 of the padded image) and ``F_ls`` the model's
     level-set head output (``MaskInstances.level_set_feats``, needs ``model.level_set_channels > 0``).
-    Uses boxes and images only (``uses_gt_masks`` False). The trees are built per image per step.
+    Uses boxes and images only (its methods never hand it masks). The trees are built per image per step.
 
     Raises:
         ValueError: from :meth:`losses` when the instances carry no ``level_set_feats``.
     """
-
-    uses_gt_masks = False
 
     def __init__(self, cfg: SupervisionConfig):
         self.cfg = cfg
@@ -286,7 +272,7 @@ class LevelSetSupervision(MaskSupervision):
         box_masks = instance_box_masks(instances, inputs)
         loss_proj = projection_loss(logits, box_masks)
         loss_ls = levelset_loss(logits, box_masks, images, feats[used], remap[instances.im_inds],
-                                img_weight=cfg.levelset_img_weight, deep_weight=cfg.levelset_deep_weight,
-                                length_weight=cfg.levelset_length_weight, low_sigma=cfg.levelset_low_sigma,
-                                high_sigma=cfg.levelset_high_sigma)
+                                img_weight=cfg.levelset.img_weight, deep_weight=cfg.levelset.deep_weight,
+                                length_weight=cfg.levelset.length_weight, low_sigma=cfg.levelset.low_sigma,
+                                high_sigma=cfg.levelset.high_sigma)
         return {"loss_proj": cfg.projection_weight * loss_proj, "loss_levelset": loss_ls}

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .boxinst import _dice_loss
+from ..ops import as_khw, compute_dtype, row_dice_loss
 from .color import neighbor_offsets, shifted_slices
-from .levelset import _as_khw, _compute_dtype
 
 __all__ = [
     "adaptive_high_threshold",
@@ -156,7 +155,7 @@ def sinkhorn_knopp(
         raise ValueError(f"sinkhorn_knopp: epsilon must be > 0, got {epsilon}")
     if iterations < 0:
         raise ValueError(f"sinkhorn_knopp: iterations must be >= 0, got {iterations}")
-    x = logits.to(_compute_dtype(logits))
+    x = logits.to(compute_dtype(logits))
     n, num_protos = x.shape
     if n == 0:
         return x.new_zeros(0, num_protos)
@@ -200,7 +199,7 @@ def hard_assignment(
         raise ValueError(f"hard_assignment: gumbel_tau must be > 0 or None, got {gumbel_tau}")
     if q.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=q.device)
-    scores = q.to(_compute_dtype(q))
+    scores = q.to(compute_dtype(q))
     if gumbel_tau is not None:
         u = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
         # g = -log(-log U); the clamp keeps U in (0, 1) so g is finite
@@ -306,7 +305,7 @@ def update_prototypes(
     if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"update_prototypes: labels must be in [0, {num_classes}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")
-    dtype = _compute_dtype(prototypes)
+    dtype = compute_dtype(prototypes)
     device = prototypes.device
     new = prototypes.detach().to(dtype).clone()
     z = F.normalize(feats.detach().to(device=device, dtype=dtype), dim=1, eps=_NORM_EPS)
@@ -366,7 +365,7 @@ def semantic_map(feats: Tensor, prototypes_of_class: Tensor, temperature: float 
         raise ValueError("semantic_map: need at least one prototype per class (L >= 1)")
     if temperature is not None and not temperature > 0:
         raise ValueError(f"semantic_map: temperature must be > 0 or None, got {temperature}")
-    dtype = _compute_dtype(feats)
+    dtype = compute_dtype(feats)
     z = F.normalize(feats.to(dtype), dim=1, eps=_NORM_EPS).reshape(k, dim, h * w)
     p = F.normalize(prototypes_of_class.to(device=feats.device, dtype=dtype), dim=2, eps=_NORM_EPS)
     best = None
@@ -437,7 +436,7 @@ def instance_map(
     Raises:
         ValueError: on shape mismatch or non-positive weights.
     """
-    p = _as_khw(probs, "instance_map", "probs")
+    p = as_khw(probs, "instance_map", "probs")
     k = p.shape[0]
     gt_inds = _check_index(gt_inds, k, "instance_map", "gt_inds").to(p.device)
     im_inds = _check_index(im_inds, k, "instance_map", "im_inds").to(p.device)
@@ -488,9 +487,9 @@ def adaptive_high_threshold(
     Raises:
         ValueError: on shape mismatch or ``high_range[0] > high_range[1]``.
     """
-    mp = _as_khw(m_prob, "adaptive_high_threshold", "m_prob")
+    mp = as_khw(m_prob, "adaptive_high_threshold", "m_prob")
     k, h, w = mp.shape
-    mi = _as_khw(m_inst, "adaptive_high_threshold", "m_inst").to(mp.device)
+    mi = as_khw(m_inst, "adaptive_high_threshold", "m_inst").to(mp.device)
     if mi.shape != mp.shape:
         raise ValueError(f"adaptive_high_threshold: m_inst shape {tuple(m_inst.shape)} != m_prob {tuple(mp.shape)}")
     if box_masks.shape != mp.shape:
@@ -547,7 +546,7 @@ def pseudo_mask_targets(
         ValueError: on shape mismatch or an invalid ``high_range``.
     """
     tau = adaptive_high_threshold(m_prob, m_inst, box_masks, gt_inds, im_inds, high_range, inst_thr)
-    mp = _as_khw(m_prob, "pseudo_mask_targets", "m_prob")
+    mp = as_khw(m_prob, "pseudo_mask_targets", "m_prob")
     in_box = box_masks.to(mp.device) > 0.5
     above = mp > tau[:, None, None]
     target = (above & in_box).to(torch.float32)
@@ -598,7 +597,7 @@ def pseudo_mask_loss(
     Raises:
         ValueError: on shape mismatch or an unknown ``mode``.
     """
-    logits = _as_khw(mask_logits, "pseudo_mask_loss", "mask_logits")
+    logits = as_khw(mask_logits, "pseudo_mask_loss", "mask_logits")
     if mode not in ("paper", "code"):
         raise ValueError(f"pseudo_mask_loss: mode must be 'paper' or 'code', got {mode!r}")
     if target.shape != logits.shape:
@@ -617,7 +616,7 @@ def pseudo_mask_loss(
         return (wgt * a_t * (1.0 - p_t).pow(gamma) * bce).sum() / (wgt.sum() + 1.0)
     n_valid = wgt.sum(dim=(1, 2))
     bce_k = (bce * wgt).sum(dim=(1, 2)) / n_valid.clamp(min=1.0)
-    dice_k = _dice_loss((logits.sigmoid() * wgt).flatten(1), (t * wgt).flatten(1))
+    dice_k = row_dice_loss((logits.sigmoid() * wgt).flatten(1), (t * wgt).flatten(1))
     # an instance without valid pixels would otherwise add a constant dice of 1
     per_instance = torch.where(n_valid > 0, bce_k + dice_k, torch.zeros_like(bce_k))
     return per_instance.mean()

@@ -36,8 +36,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from tqdm.auto import tqdm
 
-from ..data.coco import DatasetError, read_image_rgb
-from .evaluator import boxes_to_masks, masks_to_rle
+from boxmask.data.coco import DatasetError, read_image_rgb
+from boxmask.engine.evaluator import boxes_to_masks, masks_to_rle
 
 __all__ = [
     "grabcut_mask",

@@ -86,6 +86,11 @@ class SOLOv2Config:
     #: in [-1, 1]) given to the kernel branch after the S x S resize and to F_mask's last conv; 0 = the reference
     #: (linear coordinates only)
     coord_freqs: int = 0
+    #: a position prior in the dynamic kernel: each cell's mask logits get ``sum_k w_k R_k`` besides ``K · F_mask``,
+    #: with ``R`` = a constant and Gaussians of the distance to the cell centre (sigma 0.5, 1, 2, 4 cell sizes) and
+    #: ``w`` predicted by the kernel branch (initialised to ``-2 + 4 g_1``: a one-cell blob). Not in SOLOv2: it
+    #: gives the linear kernel what CondInst's relative coordinates give its mask head. false = the reference
+    position_prior: bool = False
     #: Matrix NMS gaussian kernel sigma and the score kept after the decay
     matrix_nms_sigma: float = 2.0
     matrix_nms_filter: float = 0.025

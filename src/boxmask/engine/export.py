@@ -320,6 +320,8 @@ class SOLOv2Export(nn.Module):
 
     def __init__(self, model: SOLOv2, max_dets: int, size_divisibility: int = 32, binary_masks: bool = False):
         super().__init__()
+        if getattr(model, "prior_channels", 0):
+            raise ExportError("model.solov2.position_prior=true has no ONNX export yet; export a model without it")
         cfg = model.cfg
         if not 1 <= max_dets <= cfg.pre_nms_topk:
             raise ValueError(f"max_dets must be in [1, {cfg.pre_nms_topk}] (model.pre_nms_topk), got {max_dets}")

@@ -52,6 +52,10 @@ __all__ = ["MaskFeatureBranch", "SOLOv2", "SOLOv2Features", "SOLOv2Head", "coord
 SOLO_HEAD_STRIDES: tuple[int, ...] = (8, 8, 16, 32, 32)
 #: output stride of F_mask and of inference masks, pixels
 MASK_FEAT_STRIDE = 4
+#: ``model.solov2.position_prior``: Gaussian widths (cell sizes) of the prior channels after the constant one,
+#: and the initial weights of [constant, g_0.5, g_1, g_2, g_4]
+POSITION_PRIOR_SIGMAS = (0.5, 1.0, 2.0, 4.0)
+POSITION_PRIOR_INIT = (-2.0, 0.0, 4.0, 0.0, 0.0)
 # instances per kernel x F_mask product at inference: bounds the [n, h*w] logits
 _CHUNK = 256
 
@@ -111,7 +115,7 @@ class SOLOv2Head(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int, num_convs: int, kernel_dim: int, num_classes: int,
-                 num_grids: list[int], prior_prob: float = 0.01, coord_freqs: int = 0):
+                 num_grids: list[int], prior_prob: float = 0.01, coord_freqs: int = 0, prior_channels: int = 0):
         super().__init__()
         self.num_grids = list(num_grids)
         self.in_channels, self.coord_freqs = in_channels, coord_freqs
@@ -121,11 +125,14 @@ class SOLOv2Head(nn.Module):
         self.cate_tower = nn.Sequential(*[_conv_gn_relu(in_channels if i == 0 else channels, channels)
                                           for i in range(num_convs)])
         last = channels if num_convs else in_channels
-        self.kernel_pred = nn.Conv2d(last + (0 if num_convs else extra), kernel_dim, 1)
+        self.kernel_pred = nn.Conv2d(last + (0 if num_convs else extra), kernel_dim + prior_channels, 1)
         self.cate_pred = nn.Conv2d(last, num_classes, 3, padding=1)
         for conv in (self.kernel_pred, self.cate_pred):
             nn.init.normal_(conv.weight, std=0.01)
         nn.init.zeros_(self.kernel_pred.bias)
+        if prior_channels:
+            with torch.no_grad():  # the position prior starts as a one-cell blob: -2 + 4 g(1 cell)
+                self.kernel_pred.bias[kernel_dim:] = torch.tensor(POSITION_PRIOR_INIT)
         nn.init.constant_(self.cate_pred.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -229,8 +236,10 @@ class SOLOv2(nn.Module):
         self.backbone = build_backbone(cfg.backbone, weights=cfg.backbone_weights, freeze_at=cfg.freeze_at,
                                        with_c2=True)
         self.fpn = SOLOFPN(self.backbone.out_channels, cfg.fpn_channels)
+        self.prior_channels = 1 + len(POSITION_PRIOR_SIGMAS) if cfg.solov2.position_prior else 0
         self.head = SOLOv2Head(cfg.fpn_channels, cfg.solov2.head_channels, cfg.head_convs, cfg.mask_channels,
-                               num_classes, cfg.solov2.grids, cfg.prior_prob, cfg.solov2.coord_freqs)
+                               num_classes, cfg.solov2.grids, cfg.prior_prob, cfg.solov2.coord_freqs,
+                               self.prior_channels)
         self.mask_branch = MaskFeatureBranch(cfg.fpn_channels, cfg.mask_branch_channels, cfg.mask_channels,
                                              cfg.solov2.coord_freqs)
         self.level_set_head = (nn.Conv2d(cfg.mask_channels, cfg.level_set_channels, 3, padding=1)
@@ -249,11 +258,37 @@ class SOLOv2(nn.Module):
         cates, kernels = self.head(split)
         return SOLOv2Features(cates, kernels, mask_feats)
 
-    @staticmethod
-    def _masks(kernels: Tensor, feats: Tensor) -> Tensor:
-        """Dynamic 1x1 conv: kernels ``[n, E]`` on one image's ``feats`` ``[E, h, w]`` → logits ``[n, h, w]``."""
+    def cell_geometry(self, hp: int, wp: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Centre float32 ``[N,2]`` (x, y pixels) and size float32 ``[N]`` (pixels, mean of width and height) of
+        every grid cell of a padded ``hp x wp`` input, levels concatenated (row-major inside a level)."""
+        centres, sizes = [], []
+        for s in self.cfg.solov2.grids:
+            idx = torch.arange(s, device=device, dtype=torch.float32)
+            cy, cx = torch.meshgrid((idx + 0.5) * hp / s, (idx + 0.5) * wp / s, indexing="ij")
+            centres.append(torch.stack([cx.flatten(), cy.flatten()], dim=1))
+            sizes.append(torch.full((s * s,), (hp / s + wp / s) / 2, device=device))
+        return torch.cat(centres), torch.cat(sizes)
+
+    def _masks(self, kernels: Tensor, feats: Tensor, centres: Tensor | None = None, sizes: Tensor | None = None,
+               stride: int = MASK_FEAT_STRIDE) -> Tensor:
+        """Dynamic 1x1 conv: kernels ``[n, E (+ P)]`` on one image's ``feats`` ``[E, h, w]`` → logits ``[n, h, w]``.
+
+        With the position prior (``P > 0`` extra kernel columns) the logits also get ``sum_k w_k R_k`` of the
+        prior channels of :data:`POSITION_PRIOR_SIGMAS`, computed on the ``stride`` grid from each kernel's cell
+        ``centres`` ``[n,2]`` and ``sizes`` ``[n]`` (pixels)."""
         e, h, w = feats.shape
-        return (kernels.to(feats.dtype) @ feats.reshape(e, h * w)).reshape(-1, h, w)
+        logits = kernels[:, :e].to(feats.dtype) @ feats.reshape(e, h * w)
+        if self.prior_channels:
+            ys = (torch.arange(h, device=feats.device, dtype=torch.float32) + 0.5) * stride
+            xs = (torch.arange(w, device=feats.device, dtype=torch.float32) + 0.5) * stride
+            d2 = ((xs[None, None, :] - centres[:, 0, None, None]) ** 2
+                  + (ys[None, :, None] - centres[:, 1, None, None]) ** 2).reshape(len(kernels), h * w)
+            wts = kernels[:, e:].float()
+            prior = wts[:, :1].expand(-1, h * w)
+            for k, sigma in enumerate(POSITION_PRIOR_SIGMAS):
+                prior = prior + wts[:, k + 1, None] * torch.exp(-d2 / (2 * (sigma * sizes[:, None]) ** 2))
+            logits = logits + prior.to(logits.dtype)
+        return logits.reshape(-1, h, w)
 
     # ------------------------------------------------------------------ training
     def forward_train(self, images: Tensor, boxes: list[Tensor], labels: list[Tensor]) -> TrainOutputs:
@@ -290,17 +325,21 @@ class SOLOv2(nn.Module):
 
         # positives: (image, level, cell) → kernel, GT index, label, grouped by mask stride
         groups: dict[int, dict[str, list[Tensor]]] = {}
+        centres, sizes = self.cell_geometry(hp, wp, images.device)
+        offset = 0
         for level, kern in enumerate(kernels):
             stride = SOLO_MASK_STRIDES[level]
             for b in range(batch):
                 t = targets[b][level]
                 if len(t.pos_inds) == 0:
                     continue
-                g = groups.setdefault(stride, {"kernels": [], "im": [], "gt": [], "labels": []})
+                g = groups.setdefault(stride, {"kernels": [], "im": [], "gt": [], "labels": [], "cells": []})
+                g["cells"].append(t.pos_inds + offset)
                 g["kernels"].append(kern[b].flatten(1)[:, t.pos_inds].t())
                 g["im"].append(torch.full_like(t.pos_gt_inds, b))
                 g["gt"].append(t.pos_gt_inds)
                 g["labels"].append(t.labels.flatten()[t.pos_inds])
+            offset += cfg.solov2.grids[level] ** 2
         level_set_feats = None
         if self.level_set_head is not None:
             level_set_feats = self.level_set_head(mask_feats).float()
@@ -320,7 +359,9 @@ class SOLOv2(nn.Module):
             if stride != MASK_FEAT_STRIDE:
                 feats = F.interpolate(mask_feats, size=(hp // stride, wp // stride), mode="bilinear",
                                       align_corners=False)
-            logits = torch.cat([self._masks(kern[im_inds == b], feats[b]) for b in range(batch)])[:, None]
+            cells = torch.cat(g["cells"])
+            logits = torch.cat([self._masks(kern[im_inds == b], feats[b], centres[cells[im_inds == b]],
+                                            sizes[cells[im_inds == b]], stride) for b in range(batch)])[:, None]
             # the per-image product sorted instances by image: keep that order for the other fields
             order = torch.argsort(im_inds, stable=True)
             instance_groups.append(MaskInstances(logits.float(), im_inds[order], torch.cat(g["gt"])[order],
@@ -377,6 +418,7 @@ class SOLOv2(nn.Module):
         out = []
         level_stride = torch.cat([torch.full((s * s,), float(SOLO_HEAD_STRIDES[l]), device=images.device)
                                   for l, s in enumerate(cfg.solov2.grids)])
+        centres, sizes = self.cell_geometry(hp, wp, images.device)
         for b, (h, w) in enumerate(image_sizes):
             probs = torch.cat([point_nms(c[b:b + 1].float().sigmoid())[0].flatten(1).t() for c in cates])  # [N,C]
             kern = torch.cat([k[b].flatten(1).t() for k in kernels])  # [N,E]
@@ -387,8 +429,8 @@ class SOLOv2(nn.Module):
                 cells, labels, scores = cells[top], labels[top], scores[top]
             keep_probs = []
             if len(cells):
-                mask_probs = torch.cat([self._masks(kern[cells[i:i + _CHUNK]], mask_feats[b].float()).sigmoid()
-                                        for i in range(0, len(cells), _CHUNK)])
+                mask_probs = torch.cat([self._masks(kern[c], mask_feats[b].float(), centres[c], sizes[c]).sigmoid()
+                                        for c in cells.split(_CHUNK)])
                 masks = mask_probs > cfg.mask_threshold
                 area = masks.sum((1, 2)).float()
                 keep = area > level_stride[cells]
@@ -447,8 +489,9 @@ class SOLOv2(nn.Module):
                 scores, centres, num_finest, boxes_b, None if labels is None else labels[b], None, candidates,
                 allowed=self._levels_for_boxes(boxes_b)[:, level_of])
             flat = cand[valid]
-            cand_logits = (torch.cat([self._masks(kern[flat[i:i + _CHUNK]], mask_feats[b].float())
-                                      for i in range(0, len(flat), _CHUNK)])[:, None] if len(flat)
+            _, sizes = self.cell_geometry(hp, wp, images.device)
+            cand_logits = (torch.cat([self._masks(kern[c], mask_feats[b].float(), centres[c], sizes[c])
+                                      for c in flat.split(_CHUNK)])[:, None] if len(flat)
                            else mask_feats.new_zeros(0, 1, *mask_feats.shape[-2:]).float())
             logits, pick, agreement = best_fitting_candidates(cand_logits, valid, boxes_b, (hp, wp), MASK_FEAT_STRIDE)
             chosen = cand.gather(1, pick[:, None])[:, 0]

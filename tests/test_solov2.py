@@ -133,10 +133,11 @@ def test_positives_are_grouped_by_mask_stride_and_losses_weighted_by_count(tmp_p
 
 def test_downsampled_mask_features_give_downsampled_logits(tmp_path):
     """Why the training masks at strides 8/16 are taken from resized F_mask: the 1x1 kernel is linear."""
+    model = SOLOv2(solo_cfg(tmp_path, "model.mask_channels=8").model, 1)
     feats = torch.randn(8, 32, 48, dtype=torch.float64)
     kernels = torch.randn(5, 8, dtype=torch.float64)
-    full = SOLOv2._masks(kernels, feats)
-    small = SOLOv2._masks(kernels, F.interpolate(feats[None], size=(8, 12), mode="bilinear", align_corners=False)[0])
+    full = model._masks(kernels, feats)
+    small = model._masks(kernels, F.interpolate(feats[None], size=(8, 12), mode="bilinear", align_corners=False)[0])
     assert torch.allclose(small, F.interpolate(full[None], size=(8, 12), mode="bilinear", align_corners=False)[0])
 
 

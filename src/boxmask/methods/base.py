@@ -52,8 +52,8 @@ class Method:
     """One box-supervised (or mask-supervised) method: which networks it trains, which supervision, what it
     reads of the ground truth, its config checks and its training hooks.
 
-    Subclasses set the class attributes and implement :meth:`build_supervision`; methods with state or
-    extra networks (SIM) override the hooks. An instance belongs to one training module.
+    Subclasses set the class attributes (``supervision_class``, built from ``cfg.supervision``, or override
+    :meth:`build_supervision`); methods with state or extra networks (SIM) override the hooks. An instance belongs to one training module.
 
     Class attributes:
         key: the ``supervision.type`` value that selects the method.
@@ -84,6 +84,7 @@ class Method:
     config_section: ClassVar[str | None] = None
     short_box_fit: ClassVar[bool] = True
     keeps_modules_in_eval: ClassVar[bool] = False
+    supervision_class: ClassVar[type[MaskSupervision] | None] = None
 
     def __init__(self, cfg: Config, num_classes: int):
         self.validate(cfg)
@@ -99,8 +100,11 @@ class Method:
                               f"{' or '.join(cls.architectures)}, got {cfg.model.arch!r}")
 
     def build_supervision(self) -> MaskSupervision:
-        """The method's mask supervision (a pure loss; an ``nn.Module`` when it has state to checkpoint)."""
-        raise NotImplementedError
+        """The method's mask supervision (a pure loss; an ``nn.Module`` when it has state to checkpoint):
+        ``supervision_class(cfg.supervision)``. Raises NotImplementedError when the subclass sets neither."""
+        if self.supervision_class is None:
+            raise NotImplementedError(f"{type(self).__name__}: set supervision_class or override build_supervision")
+        return self.supervision_class(self.cfg.supervision)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, module: nn.Module) -> None:

@@ -16,6 +16,4 @@ class BoxInstMethod(Method):
 
     key = "boxinst"
     title = "BoxInst"
-
-    def build_supervision(self) -> BoxInstSupervision:
-        return BoxInstSupervision(self.cfg.supervision)
+    supervision_class = BoxInstSupervision

@@ -18,6 +18,7 @@ class BoxLevelSetMethod(Method):
     key = "levelset"
     title = "BoxLevelSet"
     config_section = "supervision.levelset"
+    supervision_class = LevelSetSupervision
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
@@ -25,6 +26,3 @@ class BoxLevelSetMethod(Method):
         if cfg.model.level_set_channels <= 0:
             raise ConfigError("supervision.type=levelset needs the level-set feature head: set "
                               "model.level_set_channels (BoxLevelSet: 5)")
-
-    def build_supervision(self) -> LevelSetSupervision:
-        return LevelSetSupervision(self.cfg.supervision)

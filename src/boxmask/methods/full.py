@@ -15,11 +15,9 @@ class FullMethod(Method):
 
     key = "full"
     title = "CondInst"
+    supervision_class = FullMaskSupervision
     reads_gt_masks = True
     short_box_fit = False
-
-    def build_supervision(self) -> FullMaskSupervision:
-        return FullMaskSupervision(self.cfg.supervision)
 
 
 class MixedMethod(Method):
@@ -28,8 +26,6 @@ class MixedMethod(Method):
 
     key = "mixed"
     title = "mixed"
+    supervision_class = MixedSupervision
     reads_gt_masks = True
     short_box_fit = False
-
-    def build_supervision(self) -> MixedSupervision:
-        return MixedSupervision(self.cfg.supervision)

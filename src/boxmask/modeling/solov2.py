@@ -472,13 +472,9 @@ class SOLOv2(nn.Module):
         f = self.features(images)
         cates, kernels, mask_feats = f.cates, f.kernels, f.mask_feats
         hp, wp = images.shape[-2:]
-        centres, level_of = [], []
-        for level, s in enumerate(self.cfg.solov2.grids):
-            idx = torch.arange(s, device=images.device, dtype=torch.float32)
-            cy, cx = torch.meshgrid((idx + 0.5) * hp / s, (idx + 0.5) * wp / s, indexing="ij")
-            centres.append(torch.stack([cx.flatten(), cy.flatten()], dim=1))
-            level_of.append(torch.full((s * s,), level, dtype=torch.int64, device=images.device))
-        centres, level_of = torch.cat(centres), torch.cat(level_of)
+        centres, sizes = self.cell_geometry(hp, wp, images.device)
+        level_of = torch.cat([torch.full((s * s,), level, dtype=torch.int64, device=images.device)
+                              for level, s in enumerate(self.cfg.solov2.grids)])
         num_finest = self.cfg.solov2.grids[0] ** 2
         out = []
         for b in range(batch):
@@ -489,7 +485,6 @@ class SOLOv2(nn.Module):
                 scores, centres, num_finest, boxes_b, None if labels is None else labels[b], None, candidates,
                 allowed=self._levels_for_boxes(boxes_b)[:, level_of])
             flat = cand[valid]
-            _, sizes = self.cell_geometry(hp, wp, images.device)
             cand_logits = (torch.cat([self._masks(kern[c], mask_feats[b].float(), centres[c], sizes[c])
                                       for c in flat.split(_CHUNK)])[:, None] if len(flat)
                            else mask_feats.new_zeros(0, 1, *mask_feats.shape[-2:]).float())

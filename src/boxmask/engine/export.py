@@ -24,7 +24,8 @@ CondInst, mixed, SIM) -- FCOS decoding, per-level top ``pre_nms_topk`` above ``s
 class-aware NMS (ONNX ``NonMaxSuppression`` over (image, class), at most ``K`` kept per class so that it stops
 early), top ``K``, the controller at the ``K`` kept locations only, the dynamic mask head with relative
 coordinates as batched matmuls over the detections, aligned upsampling as two ``Resize`` ops; SOLOv2
-(BoxLevelSet) -- point NMS, top ``pre_nms_topk`` cells, kernels × mask features, mask-area filter,
+(BoxLevelSet) -- point NMS, top ``pre_nms_topk`` cells, kernels × mask features (plus the position prior
+of ``model.solov2.position_prior``, computed from the dynamic input size), mask-area filter,
 maskness, Matrix NMS (gaussian) as batched matmuls, top ``K``. Exported with the TorchScript exporter
 (``torch.onnx.export(..., dynamo=False)``): it needs no ``onnxscript`` and takes our ``symbolic`` functions.
 
@@ -50,7 +51,7 @@ from torchvision.ops import nms
 
 from ..modeling.condinst import CondInst
 from ..structures import InstancePredictions
-from ..modeling.solov2 import SOLO_HEAD_STRIDES, SOLOv2, point_nms
+from ..modeling.solov2 import MASK_FEAT_STRIDE, POSITION_PRIOR_SIGMAS, SOLO_HEAD_STRIDES, SOLOv2, point_nms
 from ..ops import aligned_bilinear, tight_boxes
 
 #: supported ``model.arch`` values → the families of the issue (what ``boxmask export`` accepts)
@@ -320,14 +321,42 @@ class SOLOv2Export(nn.Module):
 
     def __init__(self, model: SOLOv2, max_dets: int, size_divisibility: int = 32, binary_masks: bool = False):
         super().__init__()
-        if getattr(model, "prior_channels", 0):
-            raise ExportError("model.solov2.position_prior=true has no ONNX export yet; export a model without it")
         cfg = model.cfg
         if not 1 <= max_dets <= cfg.pre_nms_topk:
             raise ValueError(f"max_dets must be in [1, {cfg.pre_nms_topk}] (model.pre_nms_topk), got {max_dets}")
         self.model, self.max_dets, self.divisor, self.binary = model, int(max_dets), int(size_divisibility), binary_masks
         self.register_buffer("level_stride", torch.cat([torch.full((s * s,), float(SOLO_HEAD_STRIDES[l]))
                                                         for l, s in enumerate(cfg.solov2.grids)]), persistent=False)
+        # position prior: cell centres as fractions of the padded input and 1 / grid size, per cell (the pixel
+        # sizes depend on the dynamic input size, so they are computed in the graph as SOLOv2.cell_geometry does)
+        frac, inv = [], []
+        for s in cfg.solov2.grids:
+            idx = (torch.arange(s, dtype=torch.float32) + 0.5) / s
+            fy, fx = torch.meshgrid(idx, idx, indexing="ij")
+            frac.append(torch.stack([fx.flatten(), fy.flatten()], 1))
+            inv.append(torch.full((s * s,), 1.0 / s))
+        self.register_buffer("cell_frac", torch.cat(frac), persistent=False)
+        self.register_buffer("cell_inv", torch.cat(inv), persistent=False)
+
+    def _prior(self, weights: Tensor, cells: Tensor, mask_feats: Tensor) -> Tensor:
+        """Position-prior logits float ``[B,k,h*w]`` of the selected cells (``SOLOv2._masks``): ``weights``
+        ``[B,k,P]`` (the kernels' prior columns), ``cells`` int64 ``[B,k]``, ``mask_feats`` ``[B,E,h,w]``."""
+        stride = float(MASK_FEAT_STRIDE)
+        # pixel centres from cumulative sums: dynamic in the exported graph (no Python ints)
+        ys = (torch.ones_like(mask_feats[0, 0, :, 0], dtype=torch.float32).cumsum(0) - 0.5) * stride  # [h]
+        xs = (torch.ones_like(mask_feats[0, 0, 0, :], dtype=torch.float32).cumsum(0) - 0.5) * stride  # [w]
+        hp, wp = ys[-1] + 0.5 * stride, xs[-1] + 0.5 * stride  # padded input size, pixels
+        frac = self.cell_frac[cells]  # [B,k,2]
+        inv = self.cell_inv[cells]  # [B,k]
+        cx, cy = frac[..., 0] * wp, frac[..., 1] * hp
+        size = (hp * inv + wp * inv) / 2
+        d2 = ((xs[None, None, None, :] - cx[..., None, None]) ** 2
+              + (ys[None, None, :, None] - cy[..., None, None]) ** 2).flatten(2)  # [B,k,h*w]
+        w = weights.float()
+        prior = w[..., :1]
+        for j, sigma in enumerate(POSITION_PRIOR_SIGMAS):
+            prior = prior + w[..., j + 1, None] * torch.exp(-d2 / (2 * (sigma * size[..., None]) ** 2))
+        return prior
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         m, cfg = self.model, self.model.cfg
@@ -345,7 +374,12 @@ class SOLOv2Export(nn.Module):
         top, idx = _topk_padded(masked, k_pre)
         cells, labels = idx // c, idx % c
         feats = mask_feats.float().flatten(2)  # [B,E,P]
-        mask_probs = torch.bmm(_gather_rows(kern, cells).to(feats.dtype), feats).sigmoid()  # [B,k,P]
+        sel_kern = _gather_rows(kern, cells).to(feats.dtype)
+        e = feats.shape[1]
+        mask_logits = torch.bmm(sel_kern[..., :e], feats)  # [B,k,P]
+        if m.prior_channels:
+            mask_logits = mask_logits + self._prior(sel_kern[..., e:], cells, mask_feats)
+        mask_probs = mask_logits.sigmoid()
         bin_masks = (mask_probs > cfg.mask_threshold).to(mask_probs.dtype)
         area = bin_masks.sum(2)
         active = (top > cfg.score_threshold) & (area > self.level_stride[cells])

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("boxinst", "sim", "boxlevelset", "condinst", "boxinst_boxfill", "sim_boxfill", "boxlevelset_boxfill",
+ORDER = ("boxinst", "sim", "boxlevelset", "condinst", "solov2_full", "solov2_boxinst", "boxinst_boxfill", "sim_boxfill", "boxlevelset_boxfill",
          "filled_box", "grabcut", "boxinst_annotate", "sim_annotate", "boxlevelset_annotate", "condinst_annotate")
 
 

@@ -5,7 +5,9 @@ training-mode loss dict of BoxInst, CondInst (full masks), mixed (masks for some
 others), BoxLevelSet on both networks (SOLOv2 and CondInst) and SIM (one step that fills its copy-paste
 bank, then one step that pastes from the full bank) must equal the stored values to 1e-6 relative; and the
 inference of both networks on two sample images must give the same detections (labels and binary masks
-exactly, boxes and scores to 1e-6 relative).
+exactly, boxes and scores to 1e-6 relative). SOLOv2 is recorded twice: with the reference kernel (as
+before issue 13) and with ``model.solov2.position_prior`` (the short recipes' default since issue 13; those
+entries were added then, the others were left as they were).
 
 Determinism: the test runs on one CPU thread with ``torch.use_deterministic_algorithms(True)``. With two
 threads the losses differ by up to ~2e-5 relative and some mask pixels flip, so the thread count is part
@@ -71,17 +73,21 @@ METHODS = {
     "boxinst": (BOXINST_RECIPE, [], False),
     "condinst_full": (BOXINST_RECIPE, ["supervision.type=full"], True),
     "mixed": (BOXINST_RECIPE, ["supervision.type=mixed"], True),
-    "boxlevelset_solov2": (BOXLEVELSET_RECIPE, [], False),
+    # the reference SOLOv2 kernel (as recorded before issue 12), and the recipe's kernel with the position prior
+    "boxlevelset_solov2": (BOXLEVELSET_RECIPE, ["model.solov2.position_prior=false"], False),
+    "boxlevelset_solov2_prior": (BOXLEVELSET_RECIPE, ["model.solov2.position_prior=true"], False),
     "boxlevelset_condinst": (BOXINST_RECIPE, LEVELSET_ON_CONDINST, False),
     "sim": (BOXINST_RECIPE, SIM, False),
 }
 #: the global step of the recorded losses: inside the BoxInst pairwise warm-up (100 in the recipe), past SIM's
 STEP = 50
-#: inference: network -> (recipe, overrides); thresholds at 0 so that a randomly initialised network detects
+SOLO_PREDICT = ["model.score_threshold=0.0", "model.mask_threshold=0.3", "model.solov2.matrix_nms_filter=0.0",
+                "model.max_detections=20"]
+#: inference: network (+ variant) -> (recipe, overrides); thresholds at 0 so that a randomly initialised network detects
 PREDICT = {
     "condinst": (BOXINST_RECIPE, ["model.score_threshold=0.0", "model.max_detections=20"]),
-    "solov2": (BOXLEVELSET_RECIPE, ["model.score_threshold=0.0", "model.mask_threshold=0.3",
-                                    "model.solov2.matrix_nms_filter=0.0", "model.max_detections=20"]),
+    "solov2": (BOXLEVELSET_RECIPE, SOLO_PREDICT + ["model.solov2.position_prior=false"]),
+    "solov2_prior": (BOXLEVELSET_RECIPE, SOLO_PREDICT + ["model.solov2.position_prior=true"]),
 }
 
 
@@ -157,7 +163,7 @@ def compute_detections(archs=tuple(PREDICT)) -> dict[str, list[dict]]:
         recipe, overrides = PREDICT[arch]
         module = _module(recipe, overrides)
         model = module.model.eval()
-        assert model.cfg.arch == arch
+        assert model.cfg.arch == arch.split("_")[0]
         with torch.no_grad():
             preds = model.predict(batch.images, batch.image_sizes, batch.orig_sizes)
         out[arch] = [{

@@ -303,12 +303,12 @@ NUTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "nuts"
 @pytest.mark.slow
 @pytest.mark.skipif(not (NUTS / "annotations" / "instances_train.json").is_file(), reason=f"{NUTS} not present")
 def test_real_data_boxlevelset_training_mask_ap_beats_boxfill(tmp_path):
-    """A short CPU run of BoxLevelSet on the real nuts data (14 train / 4 val images, 160 steps at 192-256 px): its
-    masks must add over the same model's detections with their boxes filled (the tight boxes of its masks).
-    Measured on the 2-core machine class: mask AP 15.1 vs 7.6 for the filled boxes in 157 s (at 224-288 px: 8.7
-    vs 4.9 in 189 s, and 4.2 vs 4.7 with 120 steps; the earlier 200 steps at 352-416 px: 9.8 vs 3.7 and 9.8 vs
-    7.4, 431 s). The 4 val images make the APs coarse and the run is not bit-stable across machines, hence the
-    1-point margin."""
+    """A short CPU run of BoxLevelSet on the real nuts data (14 train / 4 val images, 160 steps at 192-256 px) with
+    the packaged recipe: it must learn masks (mask AP >= 30) that add over the same model's detections with their
+    boxes filled (the tight boxes of its masks). With the recipe's position prior (issue 13), measured on the
+    2-core machine class at one thread: mask AP 52.1 vs 28.9 for the filled boxes (box AP 56.9), 231 s. Without
+    it (the recipe before issue 13) the same run gave 15.1 vs 7.6 in 157 s, so the AP floor fails there. The 4
+    val images make the APs coarse and the run is not bit-stable across thread counts, hence the wide margins."""
     from boxmask.engine.train import train
 
     torch.set_num_threads(2)
@@ -323,7 +323,8 @@ def test_real_data_boxlevelset_training_mask_ap_beats_boxfill(tmp_path):
     m = summary["metrics"]
     segm, boxfill = m["model"]["segm"]["AP"], m["boxfill"]["segm"]["AP"]
     print(f"mask AP {segm:.1f}, box-filled mask AP {boxfill:.1f}, box AP {m['model']['bbox']['AP']:.1f}")
-    assert segm > boxfill + 1.0
+    assert segm >= 30.0
+    assert segm > boxfill + 5.0
 
 
 def test_position_prior_starts_as_a_blob_at_its_cell_and_trains(tmp_path):

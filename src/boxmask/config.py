@@ -89,7 +89,8 @@ class SOLOv2Config:
     #: a position prior in the dynamic kernel: each cell's mask logits get ``sum_k w_k R_k`` besides ``K · F_mask``,
     #: with ``R`` = a constant and Gaussians of the distance to the cell centre (sigma 0.5, 1, 2, 4 cell sizes) and
     #: ``w`` predicted by the kernel branch (initialised to ``-2 + 4 g_1``: a one-cell blob). Not in SOLOv2: it
-    #: gives the linear kernel what CondInst's relative coordinates give its mask head. false = the reference
+    #: gives the linear kernel what CondInst's relative coordinates give its mask head. false = the reference;
+    #: the short Lite0 BoxLevelSet recipes set true (issue 13: it is what lets them learn in a few hundred steps)
     position_prior: bool = False
     #: Matrix NMS gaussian kernel sigma and the score kept after the decay
     matrix_nms_sigma: float = 2.0

@@ -51,7 +51,7 @@ from torchvision.ops import nms
 
 from ..modeling.condinst import CondInst
 from ..structures import InstancePredictions
-from ..modeling.solov2 import MASK_FEAT_STRIDE, POSITION_PRIOR_SIGMAS, SOLO_HEAD_STRIDES, SOLOv2, point_nms
+from ..modeling.solov2 import MASK_FEAT_STRIDE, SOLO_HEAD_STRIDES, SOLOv2, point_nms, position_prior_logits
 from ..ops import aligned_bilinear, tight_boxes
 
 #: supported ``model.arch`` values → the families of the issue (what ``boxmask export`` accepts)
@@ -346,17 +346,9 @@ class SOLOv2Export(nn.Module):
         ys = (torch.ones_like(mask_feats[0, 0, :, 0], dtype=torch.float32).cumsum(0) - 0.5) * stride  # [h]
         xs = (torch.ones_like(mask_feats[0, 0, 0, :], dtype=torch.float32).cumsum(0) - 0.5) * stride  # [w]
         hp, wp = ys[-1] + 0.5 * stride, xs[-1] + 0.5 * stride  # padded input size, pixels
-        frac = self.cell_frac[cells]  # [B,k,2]
-        inv = self.cell_inv[cells]  # [B,k]
-        cx, cy = frac[..., 0] * wp, frac[..., 1] * hp
-        size = (hp * inv + wp * inv) / 2
-        d2 = ((xs[None, None, None, :] - cx[..., None, None]) ** 2
-              + (ys[None, None, :, None] - cy[..., None, None]) ** 2).flatten(2)  # [B,k,h*w]
-        w = weights.float()
-        prior = w[..., :1]
-        for j, sigma in enumerate(POSITION_PRIOR_SIGMAS):
-            prior = prior + w[..., j + 1, None] * torch.exp(-d2 / (2 * (sigma * size[..., None]) ** 2))
-        return prior
+        centres = self.cell_frac[cells] * torch.stack([wp, hp])  # [B,k,2]
+        sizes = (hp + wp) * self.cell_inv[cells] / 2  # [B,k]
+        return position_prior_logits(weights, centres, sizes, xs, ys)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         m, cfg = self.model, self.model.cfg

@@ -46,7 +46,7 @@ from .matrix_nms import matrix_nms
 from .solo_targets import SOLO_MASK_STRIDES, solo_targets
 
 __all__ = ["MaskFeatureBranch", "SOLOv2", "SOLOv2Features", "SOLOv2Head", "coord_features", "fourier_position_features",
-           "point_nms"]
+           "point_nms", "position_prior_logits"]
 
 #: stride of each head level's input feature (P2 halved, P3, P4, P5, P6 resized to P5), pixels
 SOLO_HEAD_STRIDES: tuple[int, ...] = (8, 8, 16, 32, 32)
@@ -58,6 +58,27 @@ POSITION_PRIOR_SIGMAS = (0.5, 1.0, 2.0, 4.0)
 POSITION_PRIOR_INIT = (-2.0, 0.0, 4.0, 0.0, 0.0)
 # instances per kernel x F_mask product at inference: bounds the [n, h*w] logits
 _CHUNK = 256
+
+
+def position_prior_logits(weights: Tensor, centres: Tensor, sizes: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
+    """Logits of ``model.solov2.position_prior``: ``w_0 + sum_k w_k exp(-d^2 / (2 (sigma_k s)^2))`` with ``d`` the
+    distance of each pixel centre to the kernel's cell centre, ``s`` the cell size and ``sigma_k`` of
+    :data:`POSITION_PRIOR_SIGMAS` (not in SOLOv2; issue 13).
+
+    Args:
+        weights: ``[..., P]`` prior columns of the kernels, ``P = 1 + len(POSITION_PRIOR_SIGMAS)``.
+        centres: float ``[..., 2]`` cell centres (x, y), pixels of the padded input.
+        sizes: float ``[...]`` cell sizes, pixels.
+        xs, ys: float ``[w]`` / ``[h]`` pixel-centre coordinates of the mask grid, pixels.
+
+    Returns float32 ``[..., h*w]`` (row-major)."""
+    d2 = ((xs[None, :] - centres[..., 0, None, None]) ** 2
+          + (ys[:, None] - centres[..., 1, None, None]) ** 2).flatten(-2)
+    w = weights.float()
+    prior = w[..., :1]
+    for k, sigma in enumerate(POSITION_PRIOR_SIGMAS):
+        prior = prior + w[..., k + 1, None] * torch.exp(-d2 / (2 * (sigma * sizes[..., None]) ** 2))
+    return prior
 
 
 def coord_features(x: Tensor) -> Tensor:
@@ -281,13 +302,7 @@ class SOLOv2(nn.Module):
         if self.prior_channels:
             ys = (torch.arange(h, device=feats.device, dtype=torch.float32) + 0.5) * stride
             xs = (torch.arange(w, device=feats.device, dtype=torch.float32) + 0.5) * stride
-            d2 = ((xs[None, None, :] - centres[:, 0, None, None]) ** 2
-                  + (ys[None, :, None] - centres[:, 1, None, None]) ** 2).reshape(len(kernels), h * w)
-            wts = kernels[:, e:].float()
-            prior = wts[:, :1].expand(-1, h * w)
-            for k, sigma in enumerate(POSITION_PRIOR_SIGMAS):
-                prior = prior + wts[:, k + 1, None] * torch.exp(-d2 / (2 * (sigma * sizes[:, None]) ** 2))
-            logits = logits + prior.to(logits.dtype)
+            logits = logits + position_prior_logits(kernels[:, e:], centres, sizes, xs, ys).to(logits.dtype)
         return logits.reshape(-1, h, w)
 
     # ------------------------------------------------------------------ training

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BoxConditionedMasks", "InstancePredictions", "MaskInstances", "SupervisionInputs", "TrainOutputs"]
+__all__ = ["BoxConditionedMasks", "InstancePredictions", "MaskInstances", "QueryOutputs", "SupervisionInputs",
+           "TrainOutputs"]
 
 
 @dataclass
@@ -140,3 +141,30 @@ class TrainOutputs:
         if total == 0:
             return [1.0] * len(self.instance_groups)
         return [len(g) / total for g in self.instance_groups]
+
+
+@dataclass
+class QueryOutputs:
+    """What a query-based network's ``forward_train`` returns (Mask2Former, the network of Box2Mask-T,
+    methods.md §4.1): per-query class and mask predictions of every prediction set, unmatched. Matching
+    queries to ground truth is part of the supervision (methods.md §4.2), never of the network.
+
+    class_logits: one float ``[B,Q,C+1]`` per prediction set (last column = no-object), the set after the
+        query initialisation first and the final decoder layer's last (``1 + decoder_layers`` sets).
+    mask_logits: one float ``[B,Q,h,w]`` per prediction set, at ``stride`` on the padded-image grid
+        (``h = Hp/stride``, ``w = Wp/stride``), same order as ``class_logits``.
+    stride: int, output stride of ``mask_logits`` in pixels (4).
+    level_set_feats: float ``[B,C_ls,h,w]`` the level-set feature head on the mask features, or None.
+    anchor: fp32 zero scalar connected to every output head, added to each loss so that every parameter is
+        in the graph on every step (DDP).
+    """
+
+    class_logits: list[Tensor]
+    mask_logits: list[Tensor]
+    anchor: Tensor
+    stride: int = 4
+    level_set_feats: Tensor | None = None
+
+    def __len__(self) -> int:
+        """Number of prediction sets."""
+        return len(self.class_logits)

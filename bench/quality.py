@@ -49,7 +49,8 @@ the masks, without training), ``train_wall_s`` (annotate rows: training of their
 is COCO's APs/APm/APl and the IoU fields cover that bucket's instances), ``shift``; boxes-given rows also
 ``box_mean_mask_IoU`` (the filled box's mean IoU on the same instances), ``worse_than_box`` (share of
 instances whose mask has a lower IoU than their filled box), ``s_per_image`` (``wall_s`` per image; for
-``*_annotate_fit`` the fit included), ``fallback_threshold``, ``box_size``, ``annotate_wall_s``, and for
+``*_annotate_fit`` the fit included), ``fallback_threshold``, ``box_size``, ``binarize`` (``--binarize``),
+``annotate_wall_s``, and for
 fitted rows ``fit_steps``, ``fit_wall_s``. The run's Markdown table is printed and written to
 ``bench/results/quality_<dataset>.md``.
 
@@ -452,7 +453,7 @@ def boxes_given_rows(args, given, trained, cfgs, out, base, empty, val_json, ima
             # annotate_dataset(fallback_threshold=tau) does (tests/test_annotate_fit.py)
             annotate_dataset(model, mcfg, meta, gt_json, image_dir, out_json, device=device, progress=True,
                              resume=False, rank=args.location_rank, candidates=args.candidates, box_size=box_size,
-                             fallback_threshold=0.0)
+                             fallback_threshold=0.0, binarize=args.binarize)
             extra["annotate_wall_s"] = round(time.time() - t1, 1)
             raw = annotations_to_results(out_json)
             cues = {r["id"]: r["cues"] for r in json.loads(report_path(out_json).read_text())["annotations"]}
@@ -460,8 +461,9 @@ def boxes_given_rows(args, given, trained, cfgs, out, base, empty, val_json, ima
             fell = [box_by_id[r["ann_id"]] if r["ann_id"] in low else r for r in raw]
             raw_fallbacks = sum(1 for a, c in cues.items() if c is None or c["quality"] == 0.0)
             variants.append((method, fell, len(low | {a for a, c in cues.items() if c is None}),
-                             {"fallback_threshold": tau, "box_size": box_size}))
-            variants.append((f"{method}_nofallback", raw, raw_fallbacks, {"fallback_threshold": 0.0, "box_size": box_size}))
+                             {"fallback_threshold": tau, "box_size": box_size, "binarize": args.binarize}))
+            variants.append((f"{method}_nofallback", raw, raw_fallbacks, {"fallback_threshold": 0.0, "box_size": box_size,
+                                                                         "binarize": args.binarize}))
             raw_iou = dict(zip([r["ann_id"] for r in raw], mask_ious(gt, raw)))
             records = [{"ann_id": a, "kind": ann_kind.get(a), "size": ann_size.get(a), "iou_model": raw_iou[a],
                         "iou_box": box_iou[a], **(cues.get(a) or {"quality": None})} for a in raw_iou]
@@ -563,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="fitted annotate: box-adaptive scale of the fit's training (0 = the fixed multi-scale sizes)")
     ap.add_argument("--fit-steps", type=int, default=None, help="fitted annotate: training steps (default: scales with "
                                                                    "the images, engine.fit.default_fit_steps)")
+    ap.add_argument("--binarize", choices=("box_fit", "fixed"), default="box_fit",
+                    help="annotate: per-box threshold fitted to the box (default) or the model's mask_threshold")
     ap.add_argument("--fallback-threshold", type=float, default=None,
                     help="annotate: quality below which the filled box is kept (default: annotate's default)")
     ap.add_argument("--train-kinds", nargs="+", default=None,

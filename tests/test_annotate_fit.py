@@ -13,7 +13,7 @@ from boxmask.cli import main
 from boxmask.config import ConfigError, load_config
 from boxmask.data.sample import sample_paths
 from boxmask.data.transforms import BoxAdaptiveResize, build_photometric
-from boxmask.engine.annotate import annotate_dataset, box_pixels, mask_quality, report_path
+from boxmask.engine.annotate import annotate_dataset, box_fit_threshold, box_pixels, mask_quality, report_path
 from boxmask.engine.fit import FitError, default_fit_steps, fit_config, fit_dir_for, fit_to_boxes
 from boxmask.engine.inference import load_checkpoint, load_model_weights
 from boxmask.modeling import build_model
@@ -183,6 +183,57 @@ def test_mask_quality_on_crafted_masks():
     assert disagree["quality"] == pytest.approx(0.25)
     assert mask_quality(torch.zeros(40, 40), box)["quality"] == 0.0
     assert mask_quality(_ellipse_probs(), torch.zeros(40, 40, dtype=torch.bool))["quality"] == 0.0
+
+
+def test_box_fit_threshold_hand_case():
+    probs = torch.full((5, 5), 0.99)  # outside the box: ignored
+    probs[1:4, 1:4] = torch.tensor([[0.10, 0.30, 0.20],
+                                    [0.40, 0.90, 0.35],
+                                    [0.05, 0.25, 0.15]])
+    box = box_pixels((1, 1, 4, 4), 5, 5)
+    assert box.sum() == 9 and box[1:4, 1:4].all()
+    # row maxima 0.30, 0.90, 0.25 -> 0.25; column maxima 0.40, 0.90, 0.35 -> 0.35; t* = min = 0.25
+    assert box_fit_threshold(probs, box, 0.5, 0.1) == pytest.approx(0.25)
+    mask = (probs >= 0.25) & box
+    assert mask.any(1)[1:4].all() and mask.any(0)[1:4].all()  # reaches every row and column
+    assert not ((probs > 0.25) & box).any(1)[3]  # any higher threshold loses the bottom row
+    assert box_fit_threshold(probs, box, 0.5, 0.3) == pytest.approx(0.3)  # clamped below
+    assert box_fit_threshold(probs, box, 0.2, 0.1) == pytest.approx(0.2)  # never above the model's threshold
+    assert box_fit_threshold(probs, torch.zeros(5, 5, dtype=torch.bool), 0.5) == 0.5
+    with pytest.raises(ValueError, match="min_threshold"):
+        box_fit_threshold(probs, box, 0.5, 0.6)
+
+
+def test_box_fit_masks_contain_the_fixed_masks_and_reach_their_box(base_ckpt, tmp_path):
+    model, cfg, meta = load_checkpoint(base_ckpt)
+    cfg.model.mask_threshold = 0.45
+    ann = _val_json(tmp_path, "boxes.json", lambda a, k: None)
+    images = sample_paths()["image_dir"]
+    runs = {}
+    for mode in ("fixed", "box_fit"):
+        out = tmp_path / f"{mode}.json"
+        annotate_dataset(model, cfg, meta, ann, images, out, progress=False, fallback_threshold=0.0, resume=False,
+                         binarize=mode, min_threshold=0.1)
+        runs[mode] = ({a["id"]: torch.from_numpy(mask_utils.decode(a["segmentation"])).bool()
+                       for a in json.loads(out.read_text())["annotations"]},
+                      {r["id"]: r for r in json.loads(report_path(out).read_text())["annotations"]})
+    (fixed, rep_fixed), (fit, rep_fit) = runs["fixed"], runs["box_fit"]
+    lowered = 0
+    for aid, r in rep_fit.items():
+        if r["source"] != "model" or rep_fixed[aid]["source"] != "model":
+            continue
+        assert rep_fixed[aid]["threshold"] == pytest.approx(0.45)
+        assert 0.1 <= r["threshold"] <= 0.45
+        assert (fit[aid] | ~fixed[aid]).all()  # a lower threshold only adds pixels
+        if 0.1 < r["threshold"] < 0.45:
+            lowered += 1
+            assert r["cues"]["cover"] == 1.0  # fitted: the mask reaches all four sides of its box
+            assert fit[aid].sum() > fixed[aid].sum() or r["cues"]["cover"] >= rep_fixed[aid]["cues"]["cover"]
+    assert lowered > 0  # the 2-step model's masks do not reach their boxes at 0.45
+    with pytest.raises(ValueError, match="binarize"):
+        annotate_dataset(model, cfg, meta, ann, images, tmp_path / "x.json", progress=False, binarize="otsu")
+    with pytest.raises(ValueError, match="min_threshold"):
+        annotate_dataset(model, cfg, meta, ann, images, tmp_path / "x.json", progress=False, min_threshold=0.5)
 
 
 def test_fallback_threshold_decides_between_model_mask_and_box(base_ckpt, tmp_path):

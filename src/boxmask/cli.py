@@ -19,7 +19,9 @@ from pathlib import Path
 #: default of `annotate --candidates` (kept equal to annotate_dataset's default)
 ANNOTATE_CANDIDATES = 5
 #: default of `annotate --fallback-threshold` (kept equal to engine.annotate.FALLBACK_THRESHOLD)
-ANNOTATE_FALLBACK = 0.5
+ANNOTATE_FALLBACK = 0.3
+#: default of `annotate --min-threshold` (kept equal to engine.annotate.MIN_THRESHOLD)
+ANNOTATE_MIN_THRESHOLD = 0.1
 
 #: accepted values of ``--device``
 DEVICE_CHOICES = "auto|cpu|cuda|cuda:N"
@@ -308,7 +310,8 @@ def cmd_annotate(args) -> int:
     summary = annotate_dataset(model, cfg, meta, args.ann_file, args.images, args.output, device=device,
                                resume=not args.no_resume, rank=args.location_rank,
                                candidates=args.candidates, box_size=box_size,
-                               fallback_threshold=args.fallback_threshold)
+                               fallback_threshold=args.fallback_threshold, binarize=args.binarize.replace("-", "_"),
+                               min_threshold=args.min_threshold)
     reasons = ", ".join(f"{n} {r}" for r, n in summary["box_fallback_reasons"].items()) or "none"
     print(f"{summary['annotations']} annotations on {summary['images']} images ► {summary['output']}")
     print(f"  masks from the model: {summary['from_model']}")
@@ -636,6 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback-threshold", type=float, default=ANNOTATE_FALLBACK,
                    help="a model mask whose quality estimate (stability x box cover x candidate agreement, 0-1) "
                         "is below this keeps the filled box instead; 0 keeps every non-empty model mask")
+    p.add_argument("--binarize", choices=("box-fit", "fixed"), default="box-fit",
+                   help="box-fit: each mask at the highest threshold (at most the model's mask_threshold, at least "
+                        "--min-threshold) at which it still reaches all four sides of its box; fixed: the model's "
+                        "mask_threshold for every box")
+    p.add_argument("--min-threshold", type=float, default=ANNOTATE_MIN_THRESHOLD,
+                   help="lowest threshold of --binarize box-fit")
     p.add_argument("--box-size", type=float, default=None,
                    help="scale each image so that its median box side is at least this many pixels (small objects "
                         "get a finer mask); 0 = the model's fixed test size. Default: 32 with --fit, else the "

@@ -7,6 +7,14 @@ the controller output at the best FCOS location inside the given box, binarised 
 ``segmentation`` (compressed RLE at the image size) and ``area`` (mask pixels) replaced; every other
 key, record and field is kept, in the same order.
 
+Binarisation fitted to the box (``binarize="box_fit"``, the default): masks of box-supervised models
+are conservative (on dsb2018 their area at the model's threshold is ~75 % of the true one), so each
+box gets its own threshold: the highest one, at most the model's ``mask_threshold`` and at least
+``min_threshold``, at which the binary mask still reaches every row and every column of its box --
+the object of a tight box touches all four sides, which is BoxInst's projection constraint
+(methods.md §2.3) applied to the final mask (:func:`box_fit_threshold`). ``binarize="fixed"`` uses the
+model's threshold for every box.
+
 Never worse than the box: each model mask gets a quality estimate from the mask and the box alone
 (:func:`mask_quality`: stability under the threshold, how much of the box's width and height it
 reaches, agreement between the candidate locations); below ``fallback_threshold`` the filled box is
@@ -54,8 +62,8 @@ from ..modeling.box_conditioned import LOCATION_RANKS, BoxConditionedModel
 from ..ops import aligned_bilinear
 from .evaluator import boxes_to_masks, masks_to_rle
 
-__all__ = ["AnnotateError", "FALLBACK_THRESHOLD", "annotate_dataset", "box_pixels", "mask_quality", "report_path",
-           "sidecar_path"]
+__all__ = ["AnnotateError", "BINARIZE_MODES", "FALLBACK_THRESHOLD", "MIN_THRESHOLD", "annotate_dataset", "box_fit_threshold",
+           "box_pixels", "mask_quality", "report_path", "sidecar_path"]
 
 SIDECAR_SUFFIX = ".partial.jsonl"
 _SIDECAR_VERSION = 1
@@ -178,14 +186,57 @@ def _probabilities(logits: torch.Tensor, image_size: tuple[int, int], orig_size:
     return F.interpolate(probs, size=orig_size, mode="bilinear", align_corners=False)[:, 0]
 
 
-#: probability band of the stability cue: the mask at ``0.5 + d`` over the mask at ``0.5 - d``
+#: probability band of the stability cue: the mask at ``t + d`` over the mask at ``t - d``
 STABILITY_DELTA = 0.2
-#: default of ``annotate_dataset(fallback_threshold=...)``
-FALLBACK_THRESHOLD = 0.5
+#: default of ``annotate_dataset(fallback_threshold=...)``; chosen on a dev split of dsb2018 *training*
+#: images with the box-fitted threshold (README "annotate"), never on a val split
+FALLBACK_THRESHOLD = 0.3
+#: default of ``annotate_dataset(min_threshold=...)``: the lowest threshold the box fit may use
+MIN_THRESHOLD = 0.1
+#: values of ``annotate_dataset(binarize=...)``
+BINARIZE_MODES = ("box_fit", "fixed")
+
+
+def box_fit_threshold(probs: torch.Tensor, box: torch.Tensor, max_threshold: float,
+                      min_threshold: float = MIN_THRESHOLD) -> float:
+    """The highest threshold at which a box's binary mask reaches every row and column of the box.
+
+    ``probs > t`` restricted to the box reaches row ``r`` iff ``t`` is below that row's largest probability,
+    so the mask touches all four sides (BoxInst's projection constraint, methods.md §2.3, on the final
+    mask) iff ``t < t* = min(min_r max_c p, min_c max_r p)`` over the box's rows and columns. Returns
+    ``t*`` clamped to ``[min_threshold, max_threshold]``; pixels with ``p >= t`` form the mask when the
+    result is below ``max_threshold`` (so the pixel that sets ``t*`` is in), ``p > max_threshold`` otherwise
+    (the model's own binarisation, methods.md §1.7).
+
+    Args:
+        probs: float ``[H,W]`` mask probabilities in ``[0, 1]`` (original image pixels).
+        box: bool ``[H,W]`` the box's pixels (:func:`box_pixels`).
+        max_threshold: the model's mask threshold, in ``(0, 1)``.
+        min_threshold: the lowest threshold returned, in ``[0, max_threshold]``.
+
+    Returns:
+        The threshold as a Python float; ``max_threshold`` when the box has no pixel.
+
+    Raises:
+        ValueError: ``min_threshold`` outside ``[0, max_threshold]``.
+    """
+    if not 0.0 <= min_threshold <= max_threshold:
+        raise ValueError(f"box_fit_threshold: min_threshold must be in [0, {max_threshold}], got {min_threshold}")
+    rows, cols = box.any(1), box.any(0)
+    if not bool(rows.any()):
+        return float(max_threshold)
+    inside = torch.where(box, probs, torch.zeros((), dtype=probs.dtype))
+    t_star = min(float(inside.amax(1)[rows].min()), float(inside.amax(0)[cols].min()))
+    return float(min(max(t_star, min_threshold), max_threshold))
+
+
+def _binarize(probs: torch.Tensor, box: torch.Tensor, threshold: float, max_threshold: float) -> torch.Tensor:
+    """Binary mask clipped to the box: ``p > t`` at the model's threshold, ``p >= t`` below it (box fit)."""
+    return ((probs >= threshold) if threshold < max_threshold else (probs > threshold)) & box
 
 
 def mask_quality(probs: torch.Tensor, box: torch.Tensor, threshold: float = 0.5,
-                 agreement: float = float("nan")) -> dict[str, float]:
+                 agreement: float = float("nan"), mask: torch.Tensor | None = None) -> dict[str, float]:
     """Per-box quality estimate of a model mask, from the mask and the box alone (no ground truth).
 
     Cues, each in ``[0, 1]`` (1 = trustworthy):
@@ -204,8 +255,9 @@ def mask_quality(probs: torch.Tensor, box: torch.Tensor, threshold: float = 0.5,
     Args:
         probs: float ``[H,W]`` mask probabilities at the original image size.
         box: bool ``[H,W]`` the box's pixels (:func:`box_pixels`).
-        threshold: the mask threshold ``t`` in ``(0, 1)``.
+        threshold: the mask threshold ``t`` in ``[0, 1)`` (the box-fitted one when the mask was fitted).
         agreement: the candidates' agreement, or NaN.
+        mask: bool ``[H,W]`` the binary mask that was kept (default ``(probs > threshold) & box``).
 
     Returns:
         ``{"quality", "stability", "cover", "agreement", "fill"}`` as Python floats; all 0 (quality 0)
@@ -215,7 +267,7 @@ def mask_quality(probs: torch.Tensor, box: torch.Tensor, threshold: float = 0.5,
     zero = {"quality": 0.0, "stability": 0.0, "cover": 0.0, "agreement": 0.0, "fill": 0.0}
     if p.numel() == 0:
         return zero
-    mask = (probs > threshold) & box
+    mask = ((probs > threshold) if mask is None else mask) & box
     area = int(mask.sum())
     if area == 0:
         return zero
@@ -230,8 +282,10 @@ def mask_quality(probs: torch.Tensor, box: torch.Tensor, threshold: float = 0.5,
 
 
 def _image_record(image_id: int, ann_ids: list[int], boxes_orig: list[tuple], result, image_size, orig_size,
-                  out_stride: int, threshold: float, agnostic: list[bool], fallback_threshold: float) -> dict:
-    """Masks of one image's served annotations as a sidecar record (with their quality cues)."""
+                  out_stride: int, threshold: float, agnostic: list[bool], fallback_threshold: float,
+                  binarize: str = "box_fit", min_threshold: float = MIN_THRESHOLD) -> dict:
+    """Masks of one image's served annotations as a sidecar record (with their quality cues and the
+    threshold each was binarised at)."""
     oh, ow = orig_size
     n = len(ann_ids)
     chunk = max(1, _CHUNK_PIXELS // max(oh * ow, 1))
@@ -242,9 +296,10 @@ def _image_record(image_id: int, ann_ids: list[int], boxes_orig: list[tuple], re
         for j in range(probs.shape[0]):
             i = s + j
             box = box_pixels(boxes_orig[i], oh, ow)
-            mask = (probs[j] > threshold) & box
+            t = box_fit_threshold(probs[j], box, threshold, min_threshold) if binarize == "box_fit" else threshold
+            mask = _binarize(probs[j], box, t, threshold)
             agree = float(agreement[i]) if agreement is not None and len(agreement) > i else float("nan")
-            cues = mask_quality(probs[j], box, threshold, agree)
+            cues = mask_quality(probs[j], box, t, agree, mask)
             source, reason = "model", None
             if not bool(mask.any()):
                 mask, source, reason = box, "box", "empty mask"
@@ -253,6 +308,7 @@ def _image_record(image_id: int, ann_ids: list[int], boxes_orig: list[tuple], re
             rle = masks_to_rle(mask[None])[0]
             anns.append({"id": int(ann_ids[i]), "segmentation": rle, "area": int(mask.sum()), "source": source,
                          "reason": reason, "nearest": not bool(result.inside[i]), "agnostic": bool(agnostic[i]),
+                         "threshold": round(t, 5),
                          "cues": {k: round(v, 5) for k, v in cues.items()}})
     return {"image_id": int(image_id), "annotations": anns}
 
@@ -262,12 +318,14 @@ def annotate_dataset(model: BoxConditionedModel, cfg: Config, meta: dict, ann_fi
                      resume: bool = True, *, batch_size: int = 1, num_workers: int = 0,
                      save_every: int = 20, rank: str = "score_iou", candidates: int = 5,
                      box_size: float | None = None, box_size_max: int | None = None,
-                     fallback_threshold: float = FALLBACK_THRESHOLD) -> dict[str, Any]:
+                     fallback_threshold: float = FALLBACK_THRESHOLD, binarize: str = "box_fit",
+                     min_threshold: float = MIN_THRESHOLD) -> dict[str, Any]:
     """Write ``ann_file`` with a model mask for every annotation to ``output_json`` (module docstring).
 
     Images are resized with the test transform of ``cfg`` (``data.test_min_size``/``test_max_size``),
     boxes go through :meth:`~boxmask.modeling.condinst.CondInst.box_conditioned_masks`, masks are
-    binarised at ``cfg.model.mask_threshold`` at the original image size and clipped to the box.
+    binarised at the original image size (per box at :func:`box_fit_threshold`, or at
+    ``cfg.model.mask_threshold`` with ``binarize="fixed"``) and clipped to the box.
     A box's category is matched to the model's classes by name, else by COCO id; an unknown
     category uses the class-agnostic location score.
 
@@ -294,6 +352,9 @@ def annotate_dataset(model: BoxConditionedModel, cfg: Config, meta: dict, ann_fi
             model's ``data.box_size``. ``box_size_max``: longer-side bound (None = ``data.box_size_max``).
         fallback_threshold: a model mask whose :func:`mask_quality` is below this is replaced by the
             filled box (reason ``low quality``); 0 keeps every non-empty model mask.
+        binarize: ``"box_fit"`` (each box at :func:`box_fit_threshold`, between ``min_threshold`` and the
+            model's ``mask_threshold``) or ``"fixed"`` (the model's ``mask_threshold``).
+        min_threshold: the lowest threshold of the box fit, in ``[0, mask_threshold]``.
 
     Besides ``output_json``, writes ``OUTPUT.report.json``: per annotation its ``source`` (``model`` or
     ``box``), the fallback ``reason`` and the quality cues of the model mask (:func:`mask_quality`).
@@ -308,8 +369,8 @@ def annotate_dataset(model: BoxConditionedModel, cfg: Config, meta: dict, ann_fi
     Raises:
         DatasetError: the JSON or an image is invalid (names the file and record).
         AnnotateError: the sidecar belongs to another input JSON, model or settings.
-        ValueError: an unknown ``rank``, ``candidates < 1``, a negative ``box_size`` or a
-            ``fallback_threshold`` outside ``[0, 1]``.
+        ValueError: an unknown ``rank`` or ``binarize``, ``candidates < 1``, a negative ``box_size``, a
+            ``fallback_threshold`` outside ``[0, 1]`` or a ``min_threshold`` outside ``[0, mask_threshold]``.
     """
     if rank not in LOCATION_RANKS:
         raise ValueError(f"annotate: rank must be one of {LOCATION_RANKS}, got {rank!r}")
@@ -321,6 +382,11 @@ def annotate_dataset(model: BoxConditionedModel, cfg: Config, meta: dict, ann_fi
         raise ValueError(f"annotate: box_size must be >= 0, got {box_size}")
     if not 0.0 <= fallback_threshold <= 1.0:
         raise ValueError(f"annotate: fallback_threshold must be in [0, 1], got {fallback_threshold}")
+    if binarize not in BINARIZE_MODES:
+        raise ValueError(f"annotate: binarize must be one of {BINARIZE_MODES}, got {binarize!r}")
+    if not 0.0 <= min_threshold <= cfg.model.mask_threshold:
+        raise ValueError(f"annotate: min_threshold must be in [0, {cfg.model.mask_threshold}] (the model's "
+                         f"mask_threshold), got {min_threshold}")
     ann_file, output_json = Path(ann_file), Path(output_json)
     device = torch.device(device)
     model = model.to(device).eval()
@@ -343,6 +409,7 @@ def annotate_dataset(model: BoxConditionedModel, cfg: Config, meta: dict, ann_fi
                                 "mask_threshold": cfg.model.mask_threshold, "rank": rank, "candidates": candidates, "classes": meta["class_names"],
                                 "box_size": box_size, "box_size_max": box_size_max,
                                 "fallback_threshold": fallback_threshold, "stability_delta": STABILITY_DELTA,
+                                "binarize": binarize, "min_threshold": min_threshold,
                                 "cat_ids": meta["cat_ids"]}, sort_keys=True),
     }
     side = sidecar_path(output_json)
@@ -379,7 +446,8 @@ def annotate_dataset(model: BoxConditionedModel, cfg: Config, meta: dict, ann_fi
                 boxes_orig = [_xyxy(ann_by_id[a]["bbox"]) for a in ann_ids]
                 if ann_ids:
                     rec = _image_record(iid, ann_ids, boxes_orig, results[b], batch.image_sizes[b], (oh, ow),
-                                        out_stride, threshold, (labels[b] < 0).tolist(), fallback_threshold)
+                                        out_stride, threshold, (labels[b] < 0).tolist(), fallback_threshold,
+                                        binarize, min_threshold)
                 else:
                     rec = {"image_id": int(iid), "annotations": []}
                 done[int(iid)] = rec
@@ -414,10 +482,11 @@ def annotate_dataset(model: BoxConditionedModel, cfg: Config, meta: dict, ann_fi
             nearest += bool(got["nearest"])
             agnostic += bool(got["agnostic"])
             report.append({"id": ann["id"], "image_id": ann["image_id"], "source": got["source"],
-                           "reason": got["reason"], "cues": got.get("cues")})
+                           "reason": got["reason"], "cues": got.get("cues"), "threshold": got.get("threshold")})
         out_anns.append({**ann, "segmentation": seg, "area": area})
     output = {**data, "annotations": out_anns}
     atomic_write_json(report_path(output_json), {"fallback_threshold": fallback_threshold, "box_size": box_size,
+                                                 "binarize": binarize, "min_threshold": min_threshold,
                                                  "annotations": report})
     atomic_write_json(output_json, output)
     side.unlink(missing_ok=True)

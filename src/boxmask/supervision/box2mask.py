@@ -13,19 +13,31 @@ to numerator and denominator (``eps = 1.0``) instead of ``1e-5`` in the denomina
 Neighbourhood of the LCM: the 8 offsets of :func:`boxmask.supervision.color.neighbor_offsets` (a 3x3 kernel
 with ``dilation`` and no centre), taken from a replicate-padded map, so border pixels see copies of the
 border instead of zeros.
+
+The losses of every prediction set of the query-based network (:class:`Box2MaskTSupervision`, box labels only,
+methods.md §4.2-4.3) and the mask-supervised Mask2Former reference (:class:`Box2MaskTFullSupervision`) are
+built from these pieces and from :mod:`boxmask.supervision.levelset` / :mod:`boxmask.supervision.tree_filter`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from ..ops import compute_dtype
+from ..config import ConfigError
+from ..ops import aligned_bilinear, box_masks_at_stride, compute_dtype, projection_terms
+from ..structures import QueryOutputs, SupervisionInputs
 from .color import neighbor_offsets
+from .full import dice_loss, gt_masks_at_stride
+from .levelset import _IMAGENET_MEAN, _IMAGENET_STD, _resize, chan_vese_energy, levelset_targets
+from .tree_filter import grid_mst
 
-__all__ = ["box_projection_dice_cost", "lcm_loss", "lcm_refine", "match_queries_to_boxes"]
+__all__ = ["Box2MaskTConfig", "Box2MaskTFullSupervision", "Box2MaskTSupervision", "box_projection_dice_cost",
+           "lcm_loss", "lcm_refine", "match_queries_to_boxes", "match_queries_to_masks"]
 
 _STD_EPS = 1e-8  # added to the neighbour standard deviation (methods.md §4.3)
 # cap on the channel-mean normalised distance before squaring: (1e18)^2 = 1e36 < float32 max, so the
@@ -303,3 +315,454 @@ def lcm_loss(
         target = lcm_refine(image.detach(), p.detach(), dilation, iterations, alpha)
     weights = box_masks.to(device=p.device, dtype=p.dtype)
     return ((target - p).abs() * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+# ------------------------------------------------------------------------ Box2Mask-T losses (methods.md §4.2-4.3)
+#
+# Everything below consumes a query-based network's :class:`~boxmask.structures.QueryOutputs` (all prediction
+# sets, unmatched) and a :class:`~boxmask.structures.SupervisionInputs` view of the batch.
+
+_INT_FIELDS = ("work_size", "lcm_dilation", "lcm_iterations")
+
+
+@dataclass
+class Box2MaskTConfig:
+    """Weights of Box2Mask-T's matching and losses (defaults: methods.md §4.5, BoxInstSeg ``Box2MaskHead``)."""
+
+    #: weight of the classification CE (over all queries of a set)
+    class_weight: float = 2.0
+    #: CE class weight of the "no object" class (objects: 1); the CE is divided by the sum of the weights
+    no_object_weight: float = 0.1
+    #: weight of the box projection dice loss (eps 1e-5) on the matched masks
+    projection_weight: float = 5.0
+    #: weight of the whole level-set loss, and inside it the image / deep energies and the LCM term
+    levelset_weight: float = 1.0
+    img_weight: float = 0.05
+    deep_weight: float = 5.0
+    lcm_weight: float = 0.2
+    #: Hungarian matching cost: class and box-projection-dice weights, dice smoothing eps
+    match_class_weight: float = 2.0
+    match_box_weight: float = 5.0
+    match_eps: float = 1.0
+    #: True (methods.md §4.2): the box cost compares the mask logits upsampled (aligned bilinear) to the full
+    #: padded resolution with the full-resolution box masks; False: at the mask stride against the bilinear
+    #: stride-4 box masks of the losses (16x less memory and work, an approximation of the reference)
+    match_full_resolution: bool = True
+    #: side of the square grid the tree filters and the LCM work on (96x96)
+    work_size: int = 96
+    #: local consistency module: neighbour dilation, refinement iterations, affinity temperature
+    lcm_dilation: int = 2
+    lcm_iterations: int = 10
+    lcm_alpha: float = 0.3
+    #: tree-filter ranges of the image tree and of the level-set-feature tree (as BoxLevelSet, §3.3)
+    low_sigma: float = 0.02
+    high_sigma: float = 1.0
+    #: mask-supervised reference (:class:`Box2MaskTFullSupervision`): BCE and dice weights, used for both the
+    #: matching cost and the losses (Mask2Former)
+    mask_bce_weight: float = 5.0
+    mask_dice_weight: float = 5.0
+
+    def validate(self, where: str = "box2mask_t") -> None:
+        """Value checks. Raises :class:`~boxmask.config.ConfigError` (a ValueError) naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "match_full_resolution":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where}.{f.name} must be a bool, got {value!r}")
+            elif f.name in _INT_FIELDS:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"{where}.{f.name} must be an int, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0.0 <= float(value) < float("inf")):
+                raise ConfigError(f"{where}.{f.name} must be a finite number >= 0, got {value!r}")
+        for name in ("no_object_weight", "lcm_alpha", "low_sigma", "high_sigma"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{where}.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.work_size < 2:
+            raise ConfigError(f"{where}.work_size must be >= 2, got {self.work_size}")
+        if self.lcm_dilation < 1:
+            raise ConfigError(f"{where}.lcm_dilation must be >= 1, got {self.lcm_dilation}")
+        if self.lcm_iterations < 0:
+            raise ConfigError(f"{where}.lcm_iterations must be >= 0, got {self.lcm_iterations}")
+
+
+def _check_query_outputs(who: str, out: QueryOutputs, inputs: SupervisionInputs) -> tuple[int, int, int, int]:
+    """Shape checks shared by both supervisions; returns ``(B, Q, h, w)``."""
+    if len(out.class_logits) == 0 or len(out.class_logits) != len(out.mask_logits):
+        raise ValueError(f"{who}: need one mask_logits per class_logits (>= 1 prediction set), got "
+                         f"{len(out.class_logits)} and {len(out.mask_logits)}")
+    b, q, h, w = out.mask_logits[0].shape if out.mask_logits[0].dim() == 4 else (None,) * 4
+    if b is None:
+        raise ValueError(f"{who}: mask_logits must be [B, Q, h, w], got {tuple(out.mask_logits[0].shape)}")
+    for s, (cls, msk) in enumerate(zip(out.class_logits, out.mask_logits)):
+        if msk.shape != (b, q, h, w):
+            raise ValueError(f"{who}: set {s}: mask_logits {tuple(msk.shape)} != set 0's {(b, q, h, w)}")
+        if cls.dim() != 3 or cls.shape[:2] != (b, q) or cls.shape[2] < 2:
+            raise ValueError(f"{who}: set {s}: class_logits must be [B={b}, Q={q}, C + 1 >= 2], got "
+                             f"{tuple(cls.shape)}")
+    if inputs.images.dim() != 4 or inputs.images.shape[0] != b:
+        raise ValueError(f"{who}: images {tuple(inputs.images.shape)} do not match the batch size {b}")
+    hp, wp = inputs.images.shape[-2:]
+    if (h * out.stride, w * out.stride) != (hp, wp):
+        raise ValueError(f"{who}: mask logits {h}x{w} at stride {out.stride} do not cover the padded images "
+                         f"{hp}x{wp}")
+    if len(inputs.boxes) != b or len(inputs.labels) != b:
+        raise ValueError(f"{who}: {len(inputs.boxes)} box and {len(inputs.labels)} label tensors for {b} images")
+    for i, (bx, lb) in enumerate(zip(inputs.boxes, inputs.labels)):
+        if bx.dim() != 2 or bx.shape[1] != 4 or lb.shape != (bx.shape[0],):
+            raise ValueError(f"{who}: image {i}: boxes must be [N, 4] and labels [N], got {tuple(bx.shape)} "
+                             f"and {tuple(lb.shape)}")
+    return b, q, h, w
+
+
+def _classification_loss(class_logits: Tensor, matches: list[tuple[Tensor, Tensor]], labels: list[Tensor],
+                         no_object_weight: float) -> Tensor:
+    """Mask2Former CE over all queries of one set: matched -> GT class, others -> no-object (class ``C``).
+
+    ``sum_i w_{t_i} CE_i / sum_i w_{t_i}`` over the ``B * Q`` queries with ``w = 1`` for objects and
+    ``no_object_weight`` for no-object (``F.cross_entropy`` with class weights, mean reduction).
+    """
+    logits = class_logits.to(compute_dtype(class_logits))
+    b, q, c1 = logits.shape
+    target = torch.full((b, q), c1 - 1, dtype=torch.long, device=logits.device)
+    for i, (q_idx, g_idx) in enumerate(matches):
+        target[i, q_idx] = labels[i].to(device=logits.device, dtype=torch.long)[g_idx]
+    weight = torch.ones(c1, dtype=logits.dtype, device=logits.device)
+    weight[-1] = no_object_weight
+    return F.cross_entropy(logits.reshape(b * q, c1), target.reshape(-1), weight=weight)
+
+
+def _gather_matched(mask_logits: Tensor, matches: list[tuple[Tensor, Tensor]], per_image: list[Tensor]
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Matched mask logits ``[K, h, w]`` (compute dtype), their per-GT targets ``[K, ...]`` and image ids ``[K]``."""
+    logits = mask_logits.to(compute_dtype(mask_logits))
+    device = logits.device
+    rows, targets, im = [], [], []
+    for i, (q_idx, g_idx) in enumerate(matches):
+        rows.append(logits[i, q_idx.to(device)])
+        targets.append(per_image[i].to(device=device, dtype=logits.dtype)[g_idx.to(device)])
+        im.append(torch.full((len(q_idx),), i, dtype=torch.long, device=device))
+    return torch.cat(rows), torch.cat(targets), torch.cat(im)
+
+
+class Box2MaskTSupervision:
+    """Box2Mask-T supervision: box-level matching and the box-only losses of every prediction set.
+
+    For each prediction set ``s`` of :class:`~boxmask.structures.QueryOutputs` (matched independently, as
+    Mask2Former's auxiliary losses):
+
+    1. **Matching** (methods.md §4.2), per image: :func:`match_queries_to_boxes` with cost
+       ``match_class_weight * (-softmax[gt]) + match_box_weight * C_box``; ``C_box`` compares the mask logits
+       upsampled by :func:`~boxmask.ops.aligned_bilinear` to the full padded resolution with the full-resolution
+       binary box masks (:func:`~boxmask.ops.box_masks_at_stride` at stride 1: §2.1's ``M_full``), or -- with
+       ``match_full_resolution=False`` -- the stride-4 logits with the stride-4 box masks below.
+    2. ``loss_ce = class_weight * CE`` over all ``B * Q`` queries (matched -> GT class, others -> no-object
+       with weight ``no_object_weight``), divided by the sum of the targets' class weights.
+    3. ``loss_proj = projection_weight * mean_k proj_k`` over the matched masks of the batch, ``proj_k`` the
+       BoxInst projection dice (§2.3, eps 1e-5, :func:`~boxmask.ops.projection_terms`) against the box mask
+       ``B`` = bilinear (``align_corners=False``) downsample of ``M_full`` to the mask grid (soft borders, §4.3).
+    4. ``loss_levelset = levelset_weight * ( mean_k [img_weight E_k(I_img) + deep_weight E_k(I_deep)]
+       + lcm_weight L_LCM )`` with ``p = sigmoid``, ``E`` :func:`~boxmask.supervision.levelset.chan_vese_energy`
+       inside ``B``; ``I_img`` the ImageNet-normalised image resized to the mask grid; ``I_deep = (F1, F2)``
+       from :func:`~boxmask.supervision.levelset.levelset_targets` computed on ``p``, the image and
+       ``level_set_feats`` all bilinearly resized to ``work_size x work_size`` and the result resized back;
+       ``L_LCM`` = :func:`lcm_loss` at ``work_size`` (``B`` resized too), one global normalisation
+       ``sum |p_ref - p| B / max(sum B, 1)`` over the set's matched instances. The two trees (image and
+       features) are built once per step and shared by all sets.
+
+    The keys ``loss_ce``, ``loss_proj``, ``loss_levelset`` are sums over the sets (weight 1 each), each plus
+    ``out.anchor``; :meth:`losses_per_set` gives the per-set terms for logging. Images without GT boxes
+    contribute only no-object CE terms; a set without matches gets ``loss_proj = loss_levelset = 0`` connected
+    to its mask logits (and ``level_set_feats``). Box mode: reads images, boxes and labels only -- never
+    ``inputs.masks`` / ``has_mask``. All loss math in float32 (float64 inputs stay float64).
+    """
+
+    reads_gt_masks = False
+
+    def __init__(self, cfg: Box2MaskTConfig | None = None):
+        self.cfg = cfg if cfg is not None else Box2MaskTConfig()
+        self.cfg.validate()
+
+    def prepare_inputs(self, inputs: SupervisionInputs, step: int) -> SupervisionInputs:
+        """No batch-level augmentation (interface parity with :class:`~boxmask.supervision.MaskSupervision`)."""
+        return inputs
+
+    # ---------------------------------------------------------------- batch-level targets
+
+    def _box_targets(self, out: QueryOutputs, inputs: SupervisionInputs, device: torch.device
+                     ) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: full-resolution binary box masks ``[N, Hp, Wp]`` (None unless matching at full
+        resolution) and their bilinear downsample to the mask grid ``[N, h, w]`` (float32)."""
+        hp, wp = (int(v) for v in inputs.images.shape[-2:])
+        h, w = hp // out.stride, wp // out.stride
+        full, soft = [], []
+        for boxes in inputs.boxes:
+            m_full = box_masks_at_stride(boxes.to(device=device, dtype=torch.float32), (hp, wp), stride=1)
+            soft.append(_resize(m_full[:, None], (h, w))[:, 0] if len(m_full) else m_full.new_zeros(0, h, w))
+            full.append(m_full if self.cfg.match_full_resolution else None)
+        return full, soft
+
+    def _match_set(self, class_logits: Tensor, mask_logits: Tensor, inputs: SupervisionInputs, stride: int,
+                   full: list[Tensor], soft: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        cfg = self.cfg
+        matches = []
+        with torch.no_grad():
+            for i in range(class_logits.shape[0]):
+                logits = mask_logits[i].detach()
+                if cfg.match_full_resolution and len(inputs.labels[i]):  # no GT: nothing to upsample for
+                    logits = aligned_bilinear(logits[None].to(compute_dtype(logits)), stride)[0]
+                    targets = full[i]
+                else:
+                    targets = soft[i]
+                matches.append(match_queries_to_boxes(
+                    class_logits[i].detach(), logits, inputs.labels[i], targets,
+                    class_weight=cfg.match_class_weight, box_weight=cfg.match_box_weight, eps=cfg.match_eps))
+        return matches
+
+    def matches(self, out: QueryOutputs, inputs: SupervisionInputs) -> list[list[tuple[Tensor, Tensor]]]:
+        """The Hungarian assignment of every set and image: ``result[s][i] = (query_idx, gt_idx)`` (int64 ``[K]``
+        each, ascending query index), exactly what :meth:`losses` uses."""
+        _check_query_outputs("Box2MaskTSupervision", out, inputs)
+        device = out.mask_logits[-1].device
+        full, soft = self._box_targets(out, inputs, device)
+        return [self._match_set(c, m, inputs, out.stride, full, soft)
+                for c, m in zip(out.class_logits, out.mask_logits)]
+
+    def _levelset_context(self, out: QueryOutputs, inputs: SupervisionInputs, h: int, w: int,
+                          device: torch.device) -> dict:
+        """Set-independent level-set inputs of the images that have GT boxes: normalised image on the mask grid
+        and at ``work_size``, ``level_set_feats`` at ``work_size``, both trees, and the image -> row remap."""
+        cfg = self.cfg
+        n_img = inputs.images.shape[0]
+        used = torch.tensor([i for i in range(n_img) if len(inputs.boxes[i])], dtype=torch.long, device=device)
+        remap = torch.full((n_img,), -1, dtype=torch.long, device=device)
+        remap[used] = torch.arange(len(used), device=device)
+        mean = torch.tensor(_IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(_IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        images = (inputs.images.to(device)[used].float() - mean) / std
+        img_mask = _resize(images, (h, w))
+        ctx = {"remap": remap, "img_mask": img_mask}
+        work = (cfg.work_size, cfg.work_size)
+        if cfg.deep_weight > 0 or cfg.lcm_weight > 0:
+            ctx["img_work"] = _resize(img_mask, work)
+        if cfg.deep_weight > 0:
+            feats = _resize(out.level_set_feats.to(device)[used].float(), work)
+            ctx["feats_work"] = feats
+            ctx["image_tree"] = grid_mst(ctx["img_work"])
+            ctx["feat_tree"] = grid_mst(feats)
+        return ctx
+
+    def _levelset_loss(self, logits: Tensor, box: Tensor, im: Tensor, ctx: dict) -> Tensor:
+        """Level-set loss of one set's matched masks ``[K, h, w]`` (logits) with box masks ``[K, h, w]``."""
+        cfg = self.cfg
+        h, w = logits.shape[-2:]
+        rows = ctx["remap"][im]
+        probs = logits.sigmoid()
+        per_inst = cfg.img_weight * chan_vese_energy(probs, ctx["img_mask"].to(probs.dtype)[rows], box)
+        work = (cfg.work_size, cfg.work_size)
+        probs_work = _resize(probs[:, None], work)
+        if cfg.deep_weight > 0:
+            f1, f2 = levelset_targets(probs_work, ctx["img_work"], ctx["feats_work"], rows,
+                                      low_sigma=cfg.low_sigma, high_sigma=cfg.high_sigma,
+                                      image_tree=ctx["image_tree"], feat_tree=ctx["feat_tree"])
+            deep = _resize(torch.cat([f1, f2], dim=1), (h, w))
+            per_inst = per_inst + cfg.deep_weight * chan_vese_energy(probs, deep, box)
+        loss = per_inst.mean()
+        if cfg.lcm_weight > 0:
+            loss = loss + cfg.lcm_weight * lcm_loss(ctx["img_work"].to(probs.dtype)[rows], probs_work,
+                                                    _resize(box[:, None], work), cfg.lcm_dilation,
+                                                    cfg.lcm_iterations, cfg.lcm_alpha)
+        return loss
+
+    # ---------------------------------------------------------------- losses
+
+    def losses_per_set(self, out: QueryOutputs, inputs: SupervisionInputs, step: int) -> list[dict[str, Tensor]]:
+        """Weighted ``{"loss_ce", "loss_proj", "loss_levelset"}`` of each prediction set (no anchor)."""
+        cfg = self.cfg
+        _, _, h, w = _check_query_outputs("Box2MaskTSupervision", out, inputs)
+        feats = out.level_set_feats
+        need_feats = cfg.levelset_weight > 0 and cfg.deep_weight > 0
+        if need_feats and feats is None:
+            raise ValueError("Box2MaskTSupervision: the deep level-set term needs QueryOutputs.level_set_feats "
+                             "(the level-set head on the mask features); set deep_weight=0 to train without it")
+        if feats is not None and (feats.dim() != 4 or feats.shape[0] != out.mask_logits[0].shape[0]
+                                  or tuple(feats.shape[-2:]) != (h, w)):
+            raise ValueError(f"Box2MaskTSupervision: level_set_feats must be [B, C, {h}, {w}], got "
+                             f"{tuple(feats.shape)}")
+        device = out.mask_logits[-1].device
+        full, soft = self._box_targets(out, inputs, device)
+        ctx = None
+        results = []
+        for class_logits, mask_logits in zip(out.class_logits, out.mask_logits):
+            matches = self._match_set(class_logits, mask_logits, inputs, out.stride, full, soft)
+            loss_ce = cfg.class_weight * _classification_loss(class_logits, matches, inputs.labels,
+                                                              cfg.no_object_weight)
+            logits, box, im = _gather_matched(mask_logits, matches, soft)
+            zero = mask_logits.to(compute_dtype(mask_logits)).sum() * 0.0
+            if len(logits) == 0:
+                loss_proj = zero
+                loss_ls = zero + (feats.float().sum() * 0.0 if feats is not None else 0.0)
+            else:
+                loss_proj = cfg.projection_weight * projection_terms(logits, box).mean()
+                if cfg.levelset_weight > 0:
+                    if ctx is None:
+                        ctx = self._levelset_context(out, inputs, h, w, device)
+                    loss_ls = cfg.levelset_weight * self._levelset_loss(logits, box, im, ctx)
+                else:
+                    loss_ls = zero
+            results.append({"loss_ce": loss_ce, "loss_proj": loss_proj, "loss_levelset": loss_ls})
+        return results
+
+    def losses(self, out: QueryOutputs, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
+        """``{"loss_ce", "loss_proj", "loss_levelset"}``: float32 scalars, summed over all prediction sets, each
+        plus ``out.anchor``. ``step`` is unused (Box2Mask-T has no warm-up)."""
+        per_set = self.losses_per_set(out, inputs, step)
+        anchor = out.anchor.float()
+        return {key: sum(d[key] for d in per_set) + anchor for key in per_set[0]}
+
+
+# ------------------------------------------------------------------------ mask-supervised reference (Mask2Former)
+
+
+def _pairwise_bce_cost(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean sigmoid BCE of every (query, GT) pair: ``logits [Q, L]``, ``targets [G, L]`` -> ``[Q, G]``."""
+    pos = F.softplus(-logits)  # -log sigmoid(x): loss where t = 1
+    neg = F.softplus(logits)   # -log(1 - sigmoid(x)): loss where t = 0
+    return (pos @ targets.transpose(0, 1) + neg @ (1.0 - targets).transpose(0, 1)) / logits.shape[1]
+
+
+@torch.no_grad()
+def match_queries_to_masks(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    gt_labels: Tensor,
+    gt_masks: Tensor,
+    class_weight: float = 2.0,
+    bce_weight: float = 5.0,
+    dice_weight: float = 5.0,
+    eps: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Mask2Former's Hungarian matching of one image's queries to its GT masks (mask-supervised reference).
+
+    ``C = class_weight * (-softmax[gt]) + bce_weight * meanBCE(logits_q, M_g) + dice_weight * dice(p_q, M_g)``,
+    with ``dice`` the smoothed ``1 - (2 sum(p t) + eps) / (sum(p^2) + sum(t^2) + eps)`` and all pixels of the
+    given grid (stride 4 here; Mask2Former samples 12544 points instead).
+
+    Args:
+        class_logits: float ``[Q, C + 1]``; mask_logits: float ``[Q, h, w]``; gt_labels: int ``[G]`` in
+            ``[0, C)``; gt_masks: ``[G, h, w]`` 0/1.
+
+    Returns:
+        ``(query_idx, gt_idx)`` int64 ``[min(Q, G)]`` each, ascending query index; empty when ``G == 0``.
+
+    Raises:
+        ValueError: on shape mismatches, labels out of range or a non-finite cost.
+    """
+    if class_logits.dim() != 2 or class_logits.shape[1] < 2:
+        raise ValueError(f"match_queries_to_masks: class_logits must be [Q, C + 1], got {tuple(class_logits.shape)}")
+    q, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    if mask_logits.dim() != 3 or mask_logits.shape[0] != q:
+        raise ValueError(f"match_queries_to_masks: mask_logits must be [Q={q}, h, w], got {tuple(mask_logits.shape)}")
+    g = gt_labels.shape[0] if gt_labels.dim() == 1 else -1
+    if g < 0 or gt_masks.dim() != 3 or gt_masks.shape[0] != g or gt_masks.shape[1:] != mask_logits.shape[1:]:
+        raise ValueError(f"match_queries_to_masks: need gt_labels [G] and gt_masks [G, {mask_logits.shape[1]}, "
+                         f"{mask_logits.shape[2]}], got {tuple(gt_labels.shape)} and {tuple(gt_masks.shape)}")
+    device = class_logits.device
+    if g and (int(gt_labels.min()) < 0 or int(gt_labels.max()) >= num_classes):
+        raise ValueError(f"match_queries_to_masks: gt_labels must lie in [0, {num_classes})")
+    if g == 0 or q == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty.clone()
+    dtype = compute_dtype(mask_logits)
+    logits = mask_logits.to(dtype).flatten(1)
+    targets = gt_masks.to(device=logits.device, dtype=dtype).flatten(1)
+    cost_class = -class_logits.to(dtype).softmax(-1)[:, gt_labels.to(device=device, dtype=torch.long)]
+    cost = (class_weight * cost_class.to(logits.device) + bce_weight * _pairwise_bce_cost(logits, targets)
+            + dice_weight * _pairwise_dice_cost(logits.sigmoid(), targets, eps))
+    if not bool(torch.isfinite(cost).all()):
+        raise ValueError("match_queries_to_masks: non-finite matching cost (NaN/inf in the logits?)")
+    rows, cols = linear_sum_assignment(cost.cpu().double().numpy())
+    query_idx = torch.as_tensor(rows, dtype=torch.int64)
+    gt_idx = torch.as_tensor(cols, dtype=torch.int64)
+    order = torch.argsort(query_idx)
+    return query_idx[order].to(device), gt_idx[order].to(device)
+
+
+class Box2MaskTFullSupervision:
+    """Mask-supervised Mask2Former reference for Box2Mask-T's network (the upper bound the paper compares to).
+
+    Per prediction set: :func:`match_queries_to_masks` against the GT masks point-sampled at the mask stride
+    (:func:`~boxmask.supervision.full.gt_masks_at_stride`) with weights ``match_class_weight`` /
+    ``mask_bce_weight`` / ``mask_dice_weight`` (eps ``match_eps``); ``loss_ce`` as
+    :class:`Box2MaskTSupervision`; ``loss_mask_bce = mask_bce_weight * mean_k meanBCE_k`` and
+    ``loss_mask_dice = mask_dice_weight * mean_k dice_k`` (:func:`~boxmask.supervision.full.dice_loss`,
+    CondInst dice, eps 1e-5) over the matched masks. Keys summed over the sets, each plus ``out.anchor``;
+    zero-match sets give graph-connected zeros for the mask terms.
+
+    Reads ``inputs.masks``; every GT needs a mask (``has_mask`` all True or None).
+    """
+
+    reads_gt_masks = True
+
+    def __init__(self, cfg: Box2MaskTConfig | None = None):
+        self.cfg = cfg if cfg is not None else Box2MaskTConfig()
+        self.cfg.validate()
+
+    def prepare_inputs(self, inputs: SupervisionInputs, step: int) -> SupervisionInputs:
+        return inputs
+
+    def _gt_masks(self, inputs: SupervisionInputs, stride: int, device: torch.device) -> list[Tensor]:
+        who = "Box2MaskTFullSupervision"
+        if inputs.masks is None:
+            raise ValueError(f"{who} needs ground-truth masks but SupervisionInputs.masks is None (box-only "
+                             "data: use Box2MaskTSupervision)")
+        if len(inputs.masks) != len(inputs.boxes):
+            raise ValueError(f"{who}: {len(inputs.masks)} mask tensors for {len(inputs.boxes)} images")
+        for i, (m, b) in enumerate(zip(inputs.masks, inputs.boxes)):
+            if m.dim() != 3 or m.shape[0] != b.shape[0]:
+                raise ValueError(f"{who}: image {i}: masks of shape {tuple(m.shape)} for {b.shape[0]} boxes")
+        if inputs.has_mask is not None and not all(bool(h.all()) for h in inputs.has_mask):
+            raise ValueError(f"{who}: some GTs have no mask annotation (has_mask False); every GT needs a mask")
+        padded_hw = tuple(inputs.images.shape[-2:])
+        return [gt_masks_at_stride([m], padded_hw, stride).to(device) for m in inputs.masks]
+
+    def matches(self, out: QueryOutputs, inputs: SupervisionInputs) -> list[list[tuple[Tensor, Tensor]]]:
+        """``result[s][i] = (query_idx, gt_idx)`` of every set and image, as used by :meth:`losses`."""
+        _check_query_outputs("Box2MaskTFullSupervision", out, inputs)
+        gt = self._gt_masks(inputs, out.stride, out.mask_logits[-1].device)
+        return [self._match_set(c, m, inputs, gt) for c, m in zip(out.class_logits, out.mask_logits)]
+
+    def _match_set(self, class_logits: Tensor, mask_logits: Tensor, inputs: SupervisionInputs,
+                   gt: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        cfg = self.cfg
+        return [match_queries_to_masks(class_logits[i].detach(), mask_logits[i].detach(), inputs.labels[i], gt[i],
+                                       class_weight=cfg.match_class_weight, bce_weight=cfg.mask_bce_weight,
+                                       dice_weight=cfg.mask_dice_weight, eps=cfg.match_eps)
+                for i in range(class_logits.shape[0])]
+
+    def losses_per_set(self, out: QueryOutputs, inputs: SupervisionInputs, step: int) -> list[dict[str, Tensor]]:
+        """Weighted ``{"loss_ce", "loss_mask_bce", "loss_mask_dice"}`` of each prediction set (no anchor)."""
+        cfg = self.cfg
+        _check_query_outputs("Box2MaskTFullSupervision", out, inputs)
+        gt = self._gt_masks(inputs, out.stride, out.mask_logits[-1].device)
+        results = []
+        for class_logits, mask_logits in zip(out.class_logits, out.mask_logits):
+            matches = self._match_set(class_logits, mask_logits, inputs, gt)
+            loss_ce = cfg.class_weight * _classification_loss(class_logits, matches, inputs.labels,
+                                                              cfg.no_object_weight)
+            logits, targets, _ = _gather_matched(mask_logits, matches, gt)
+            if len(logits) == 0:
+                zero = mask_logits.to(compute_dtype(mask_logits)).sum() * 0.0
+                loss_bce, loss_dice = zero, zero
+            else:
+                bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).mean(1)
+                loss_bce = cfg.mask_bce_weight * bce.mean()
+                loss_dice = cfg.mask_dice_weight * dice_loss(logits, targets).mean()
+            results.append({"loss_ce": loss_ce, "loss_mask_bce": loss_bce, "loss_mask_dice": loss_dice})
+        return results
+
+    def losses(self, out: QueryOutputs, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
+        """``{"loss_ce", "loss_mask_bce", "loss_mask_dice"}`` float32 scalars summed over the sets, plus anchor."""
+        per_set = self.losses_per_set(out, inputs, step)
+        anchor = out.anchor.float()
+        return {key: sum(d[key] for d in per_set) + anchor for key in per_set[0]}

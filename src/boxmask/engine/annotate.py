@@ -222,11 +222,14 @@ def box_fit_threshold(probs: torch.Tensor, box: torch.Tensor, max_threshold: flo
     """
     if not 0.0 <= min_threshold <= max_threshold:
         raise ValueError(f"box_fit_threshold: min_threshold must be in [0, {max_threshold}], got {min_threshold}")
-    rows, cols = box.any(1), box.any(0)
-    if not bool(rows.any()):
+    rows, cols = box.any(1).nonzero()[:, 0], box.any(0).nonzero()[:, 0]
+    if not len(rows):
         return float(max_threshold)
-    inside = torch.where(box, probs, torch.zeros((), dtype=probs.dtype))
-    t_star = min(float(inside.amax(1)[rows].min()), float(inside.amax(0)[cols].min()))
+    # on the box's bounding crop: the full image per box would cost O(H*W) for every nucleus
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    crop = box[r0:r1, c0:c1]
+    inside = torch.where(crop, probs[r0:r1, c0:c1], torch.zeros((), dtype=probs.dtype))
+    t_star = min(float(inside.amax(1)[crop.any(1)].min()), float(inside.amax(0)[crop.any(0)].min()))
     return float(min(max(t_star, min_threshold), max_threshold))
 
 

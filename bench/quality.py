@@ -75,7 +75,7 @@ from pathlib import Path
 
 import torch
 
-from boxmask.config import load_config
+from boxmask.config import load_config, translate_legacy_config
 from boxmask.engine.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,8 +271,9 @@ def train_or_reuse(cfg, reuse: bool) -> dict:
     record_path = out / "bench_train.json"
     if reuse and record_path.is_file():
         rec = json.loads(record_path.read_text())
-        # through load_config: fields added since the record was written take their defaults
-        if (_comparable(load_config(rec["config"]).to_dict()) == _comparable(cfg.to_dict()) and Path(rec["checkpoint"]).is_file()
+        # through load_config: fields added since the record was written take their defaults; records from
+        # before the method-seam redesign are translated as old checkpoints are
+        if (_comparable(load_config(translate_legacy_config(rec["config"])).to_dict()) == _comparable(cfg.to_dict()) and Path(rec["checkpoint"]).is_file()
                 and rec["global_step"] == cfg.solver.max_iters):
             print(f"reusing {out} ({rec['global_step']} steps)")
             return dict(rec, reused=True)

@@ -10,10 +10,14 @@ in two tracks on its val split, in one run.
   ``boxlevelset_effnet-lite0_fpn_nuts``: AdamW) on the same data, schedule length, backbone and seed;
   ``solov2_full`` (real masks) and ``solov2_boxinst`` (BoxInst's losses) train that recipe's network with
   another supervision, as controls (``ratio_over_solov2_full`` on ``boxlevelset`` / ``solov2_boxinst``).
+  ``box2mask_t`` and ``box2mask_t_boxfill`` train Box2Mask-T (Mask2Former network, recipe
+  ``box2mask_t_effnet-lite0_nuts``, ``--max-dets`` queries), ``mask2former_full`` the same network on real
+  masks (its ``ratio_box_over_mask`` reference).
 * ``boxes_given``: the ground-truth boxes are the input (as when a user annotates a box-labelled
   dataset) and every box gets one mask: the filled GT box (``filled_box``), OpenCV GrabCut initialised
   with the box (``grabcut``, 5 iterations), and ``boxmask annotate`` with the trained BoxInst
-  (``boxinst_annotate``), CondInst (``condinst_annotate``) and BoxLevelSet (``boxlevelset_annotate``). Mask AP (all scores 1.0) and the mean
+  (``boxinst_annotate``), CondInst (``condinst_annotate``), BoxLevelSet (``boxlevelset_annotate``) and Box2Mask-T
+  (``box2mask_t_annotate``). Mask AP (all scores 1.0) and the mean
   IoU of each mask with the GT mask of its box (``mean_mask_IoU``). ``--grabcut-max-images N`` runs
   the whole track on the first N val images (JSON order), since GrabCut costs 0.2–0.8 s per instance
   on a CPU core.
@@ -99,6 +103,11 @@ METHODS = {
     "sim": ("end_to_end", "box", "sim"),
     "sim_boxfill": ("end_to_end", "box", "sim"),
     "sim_annotate": ("boxes_given", "box", "sim"),
+    # Box2Mask-T (issue 14) and its mask-supervised Mask2Former on the same network
+    "box2mask_t": ("end_to_end", "box", "box2mask_t"),
+    "box2mask_t_boxfill": ("end_to_end", "box", "box2mask_t"),
+    "box2mask_t_annotate": ("boxes_given", "box", "box2mask_t"),
+    "mask2former_full": ("end_to_end", "mask", "mask2former_full"),
 }
 #: trained model → (packaged recipe, recipe overrides); the run's data/schedule overrides apply to all
 MODELS = {
@@ -110,9 +119,13 @@ MODELS = {
     "solov2_boxinst": ("boxlevelset_effnet-lite0_fpn_nuts", ["supervision.type=boxinst", "model.level_set_channels=0",
                                                             "supervision.projection_weight=1.0"]),
     "sim": ("sim_effnet-lite0_fpn_nuts", []),
+    "box2mask_t": ("box2mask_t_effnet-lite0_nuts", []),
+    "mask2former_full": ("box2mask_t_effnet-lite0_nuts", ["supervision.type=full"]),
 }
 #: methods whose rows are the model's detections with their boxes filled
-BOXFILL = {"boxinst_boxfill", "boxlevelset_boxfill", "sim_boxfill"}
+BOXFILL = {"boxinst_boxfill", "boxlevelset_boxfill", "sim_boxfill", "box2mask_t_boxfill"}
+#: set-prediction models: one query per possible detection (``--max-dets`` queries)
+QUERY_MODELS = {"box2mask_t", "mask2former_full"}
 
 
 def schedule_overrides(kind: str, iterations: int) -> list[str]:
@@ -623,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         if not any(METHODS[m][2] == kind for m in methods):
             continue
         evaluate = any(METHODS[m][2] == kind and METHODS[m][0] == "end_to_end" for m in methods)
-        cfgs[kind] = load_config(recipe, recipe_overrides + schedule_overrides(kind, args.iterations) + overrides + [
+        queries = [f"model.mask2former.num_queries={args.max_dets}"] if kind in QUERY_MODELS else []
+        cfgs[kind] = load_config(recipe, recipe_overrides + schedule_overrides(kind, args.iterations) + queries + overrides + [
             f"trainer.output_dir={out / kind}", f"trainer.eval_after_train={evaluate}"])
         print(f"== training {kind} ({recipe}, model.arch={cfgs[kind].model.arch}, "
               f"supervision.type={cfgs[kind].supervision.type}) → {out / kind}")
@@ -649,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
             row["ratio_box_over_mask"] = _ratio(segm["AP"], e2e["condinst"]["model"]["segm"]["AP"])
         if method in ("boxlevelset", "solov2_boxinst") and "solov2_full" in e2e:  # same network, real masks
             row["ratio_over_solov2_full"] = _ratio(segm["AP"], e2e["solov2_full"]["model"]["segm"]["AP"])
+        if method == "box2mask_t" and "mask2former_full" in e2e:  # same network, real masks
+            row["ratio_box_over_mask"] = _ratio(segm["AP"], e2e["mask2former_full"]["model"]["segm"]["AP"])
         row.update(group="all", shift=_shifted(args.train_kinds, set(kinds.get(im["file_name"]) for im in val_data["images"])))
         rows.append(row)
         rows += end_to_end_kind_rows(row, out / kind / "eval", val_json, val_data, kinds, args.train_kinds,

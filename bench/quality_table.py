@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ("boxinst", "sim", "boxlevelset", "condinst", "solov2_full", "solov2_boxinst", "boxinst_boxfill", "sim_boxfill", "boxlevelset_boxfill",
-         "filled_box", "grabcut", "boxinst_annotate", "sim_annotate", "boxlevelset_annotate", "condinst_annotate")
+ORDER = ("boxinst", "sim", "boxlevelset", "box2mask_t", "condinst", "solov2_full", "solov2_boxinst", "mask2former_full",
+         "boxinst_boxfill", "sim_boxfill", "boxlevelset_boxfill", "box2mask_t_boxfill",
+         "filled_box", "grabcut", "boxinst_annotate", "sim_annotate", "boxlevelset_annotate", "box2mask_t_annotate",
+         "condinst_annotate")
 
 
 def load_rows(path: Path) -> list[dict]:

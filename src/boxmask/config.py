@@ -18,7 +18,7 @@ import yaml
 
 
 #: ``supervision.type`` values, one per method (:mod:`boxmask.methods` says what each one is and reads)
-SUPERVISION_TYPES = ("boxinst", "full", "mixed", "levelset", "sim")
+SUPERVISION_TYPES = ("boxinst", "full", "mixed", "levelset", "sim", "box2mask_t")
 
 #: ``supervision.sim.instance_map`` choices: paper exp(mu IoU)-weighted mean / code plain mean (methods.md §5.4)
 SIM_INSTANCE_MAPS = ("iou", "mean")
@@ -66,7 +66,7 @@ class DataConfig:
 
 
 #: model architectures: CondInst (FCOS + dynamic mask head, methods.md §1) and SOLOv2 (BoxLevelSet, §3.1)
-ARCHITECTURES = ("condinst", "solov2")
+ARCHITECTURES = ("condinst", "solov2", "mask2former")
 
 
 @dataclass
@@ -113,6 +113,67 @@ class SOLOv2Config:
 
 
 @dataclass
+class Mask2FormerConfig:
+    """``model.mask2former``: sizes of the Mask2Former network (defaults = Mask2Former R-50 / Box2Mask-T,
+    methods.md §4.1 and §4.5; Cheng et al. CVPR 2022 Sec. 4.1).
+
+    Attributes:
+        hidden_dim: channels of the pixel decoder and of the queries (256).
+        num_queries: learned object queries ``Q`` (100).
+        encoder_layers: deformable-attention encoder layers of the pixel decoder (6).
+        encoder_ffn: hidden width of the encoder FFN (1024).
+        decoder_layers: masked-attention decoder layers (9); the network makes ``1 + decoder_layers``
+            prediction sets.
+        heads: attention heads of encoder and decoder (8).
+        n_points: sampling points per head and level of the deformable attention (4).
+        n_levels: backbone levels in the deformable encoder, the coarsest of C3-C5 (3 = strides 8/16/32);
+            the decoder cycles through them.
+        mask_dim: channels of the mask features and of the mask embeddings (256).
+        decoder_ffn: hidden width of the decoder FFN (2048).
+        level_set_channels: channels of Box2Mask-T's level-set feature head ``F_ls`` (1; 0 = no head).
+        dropout: dropout of attention and FFN (0.0).
+    """
+
+    hidden_dim: int = 256
+    num_queries: int = 100
+    encoder_layers: int = 6
+    encoder_ffn: int = 1024
+    decoder_layers: int = 9
+    decoder_ffn: int = 2048
+    heads: int = 8
+    n_points: int = 4
+    n_levels: int = 3
+    mask_dim: int = 256
+    level_set_channels: int = 1
+    dropout: float = 0.0
+
+    def validate(self, where: str = "model.mask2former") -> None:
+        """Value checks.
+
+        Raises:
+            ConfigError: a size is not an int of the allowed range (``level_set_channels >= 0``, ``n_levels``
+                in 1..3, the others >= 1), ``hidden_dim`` is not a multiple of 32 (GroupNorm(32) groups) or of
+                ``heads``, or ``dropout`` is outside ``[0, 1)``.
+        """
+        for name in ("hidden_dim", "num_queries", "encoder_layers", "encoder_ffn", "decoder_layers",
+                     "decoder_ffn", "heads", "n_points", "n_levels", "mask_dim", "level_set_channels"):
+            val = getattr(self, name)
+            lowest = 0 if name == "level_set_channels" else 1
+            if isinstance(val, bool) or not isinstance(val, int) or val < lowest:
+                raise ConfigError(f"{where}.{name} must be an int >= {lowest}, got {val!r}")
+        if self.n_levels > 3:
+            raise ConfigError(f"{where}.n_levels must be 1, 2 or 3 (of backbone C3-C5), got {self.n_levels}")
+        if self.hidden_dim % 32:
+            raise ConfigError(f"{where}.hidden_dim must be a multiple of 32 (GroupNorm with 32 groups), "
+                             f"got {self.hidden_dim}")
+        if self.hidden_dim % self.heads:
+            raise ConfigError(f"{where}.hidden_dim ({self.hidden_dim}) must be divisible by heads ({self.heads})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
 class ModelConfig:
     """CondInst = backbone ► FPN P3–P7 ► FCOS head + mask branch + dynamic mask head (methods.md §1);
     ``arch: solov2`` = backbone ► FPN P2–P6 ► SOLOv2 category/kernel branches + unified mask features
@@ -156,6 +217,8 @@ class ModelConfig:
     level_set_channels: int = 0
     #: the SOLOv2 network's own fields (``arch: solov2``; methods.md §3.1, §3.4)
     solov2: SOLOv2Config = field(default_factory=lambda: SOLOv2Config())
+    #: the Mask2Former network's own fields (``arch: mask2former``, Box2Mask-T; methods.md §4.1)
+    mask2former: Mask2FormerConfig = field(default_factory=lambda: Mask2FormerConfig())
 
 
 @dataclass
@@ -254,6 +317,67 @@ class SIMConfig:
 
 
 @dataclass
+class Box2MaskTConfig:
+    """Weights of Box2Mask-T's matching and losses (defaults: methods.md §4.5, BoxInstSeg ``Box2MaskHead``)."""
+
+    #: weight of the classification CE (over all queries of a set)
+    class_weight: float = 2.0
+    #: CE class weight of the "no object" class (objects: 1); the CE is divided by the sum of the weights
+    no_object_weight: float = 0.1
+    #: weight of the box projection dice loss (eps 1e-5) on the matched masks
+    projection_weight: float = 5.0
+    #: weight of the whole level-set loss, and inside it the image / deep energies and the LCM term
+    levelset_weight: float = 1.0
+    img_weight: float = 0.05
+    deep_weight: float = 5.0
+    lcm_weight: float = 0.2
+    #: Hungarian matching cost: class and box-projection-dice weights, dice smoothing eps
+    match_class_weight: float = 2.0
+    match_box_weight: float = 5.0
+    match_eps: float = 1.0
+    #: True (methods.md §4.2): the box cost compares the mask logits upsampled (aligned bilinear) to the full
+    #: padded resolution with the full-resolution box masks; False: at the mask stride against the bilinear
+    #: stride-4 box masks of the losses (16x less memory and work, an approximation of the reference)
+    match_full_resolution: bool = True
+    #: side of the square grid the tree filters and the LCM work on (96x96)
+    work_size: int = 96
+    #: local consistency module: neighbour dilation, refinement iterations, affinity temperature
+    lcm_dilation: int = 2
+    lcm_iterations: int = 10
+    lcm_alpha: float = 0.3
+    #: tree-filter ranges of the image tree and of the level-set-feature tree (as BoxLevelSet, §3.3)
+    low_sigma: float = 0.02
+    high_sigma: float = 1.0
+    #: mask-supervised reference (:class:`Box2MaskTFullSupervision`): BCE and dice weights, used for both the
+    #: matching cost and the losses (Mask2Former)
+    mask_bce_weight: float = 5.0
+    mask_dice_weight: float = 5.0
+
+    def validate(self, where: str = "supervision.box2mask_t") -> None:
+        """Value checks. Raises :class:`~boxmask.config.ConfigError` (a ValueError) naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "match_full_resolution":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where}.{f.name} must be a bool, got {value!r}")
+            elif f.name in ("work_size", "lcm_dilation", "lcm_iterations"):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"{where}.{f.name} must be an int, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0.0 <= float(value) < float("inf")):
+                raise ConfigError(f"{where}.{f.name} must be a finite number >= 0, got {value!r}")
+        for name in ("no_object_weight", "lcm_alpha", "low_sigma", "high_sigma"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{where}.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.work_size < 2:
+            raise ConfigError(f"{where}.work_size must be >= 2, got {self.work_size}")
+        if self.lcm_dilation < 1:
+            raise ConfigError(f"{where}.lcm_dilation must be >= 1, got {self.lcm_dilation}")
+        if self.lcm_iterations < 0:
+            raise ConfigError(f"{where}.lcm_iterations must be >= 0, got {self.lcm_iterations}")
+
+
+@dataclass
 class SupervisionConfig:
     """Which mask supervision trains the mask head (methods.md §2)."""
 
@@ -273,6 +397,8 @@ class SupervisionConfig:
     levelset: LevelSetConfig = field(default_factory=lambda: LevelSetConfig())
     #: SIM's teacher, prototypes, pseudo-mask loss and copy-paste (methods.md §5)
     sim: SIMConfig = field(default_factory=lambda: SIMConfig())
+    #: Box2Mask-T's matching and loss weights (methods.md §4.2-4.3; also its mask-supervised reference)
+    box2mask_t: Box2MaskTConfig = field(default_factory=lambda: Box2MaskTConfig())
 
 
 @dataclass
@@ -292,6 +418,8 @@ class SolverConfig:
     warmup_factor: float = 0.001
     #: max global gradient norm; 0 disables clipping
     grad_clip: float = 0.0
+    #: learning-rate multiplier of the backbone (Mask2Former / Box2Mask-T: 0.1, methods.md §4.4; 1 = off)
+    backbone_lr_factor: float = 1.0
 
 
 @dataclass
@@ -492,8 +620,12 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError(f"model.arch {cfg.model.arch!r} unknown; choose from {list(ARCHITECTURES)}")
     if cfg.model.arch == "solov2":
         cfg.model.solov2.validate()
+    if cfg.model.arch == "mask2former":
+        cfg.model.mask2former.validate()
     if cfg.solver.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"solver.optimizer must be 'sgd' or 'adamw', got {cfg.solver.optimizer!r}")
+    if not cfg.solver.backbone_lr_factor >= 0:
+        raise ConfigError(f"solver.backbone_lr_factor must be >= 0, got {cfg.solver.backbone_lr_factor}")
     if cfg.solver.max_iters <= 0:
         raise ConfigError("solver.max_iters must be positive")
     if cfg.data.batch_size <= 0:

@@ -34,23 +34,35 @@ def lr_factor(step: int, solver: SolverConfig) -> float:
 
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
+# learned query / level embeddings take the norm layers' decay (Mask2Former: no decay on either)
+_NO_DECAY_TYPES = (*_NORM_TYPES, nn.Embedding)
 
 
 def build_optimizer(model: nn.Module, solver: SolverConfig) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW with weight decay ``solver.weight_decay_norm`` on normalisation layers.
+    """SGD (momentum) or AdamW with weight decay ``solver.weight_decay_norm`` on normalisation layers and
+    embeddings, and the learning rate ``base_lr * solver.backbone_lr_factor`` on ``model.backbone`` (when the
+    factor is not 1; Mask2Former / Box2Mask-T: 0.1, methods.md §4.4).
 
     Raises ValueError for an unknown optimiser name.
     """
-    norm_params, other_params = [], []
+    backbone = getattr(model, "backbone", None)
+    slow = ({id(p) for p in backbone.parameters()}
+            if isinstance(backbone, nn.Module) and solver.backbone_lr_factor != 1.0 else set())
+    # (no decay, backbone LR) -> params; the first two groups always exist (stable layout for resumed optimisers)
+    buckets: dict[tuple[bool, bool], list] = {(False, False): [], (True, False): []}
     seen: set[int] = set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            (norm_params if isinstance(module, _NORM_TYPES) else other_params).append(p)
-    groups = [{"params": other_params, "weight_decay": solver.weight_decay},
-              {"params": norm_params, "weight_decay": solver.weight_decay_norm}]
+            buckets.setdefault((isinstance(module, _NO_DECAY_TYPES), id(p) in slow), []).append(p)
+    groups = []
+    for (no_decay, is_slow), params in sorted(buckets.items()):
+        group = {"params": params, "weight_decay": solver.weight_decay_norm if no_decay else solver.weight_decay}
+        if is_slow:
+            group["lr"] = solver.base_lr * solver.backbone_lr_factor
+        groups.append(group)
     if solver.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=solver.base_lr, momentum=solver.momentum)
     if solver.optimizer == "adamw":

@@ -7,7 +7,9 @@ with :func:`method_for` and drives it through :class:`~boxmask.methods.base.Meth
 ``boxinst``       BoxInst (:mod:`.boxinst`)       condinst, solov2   no
 ``levelset``      BoxLevelSet (:mod:`.boxlevelset`)  solov2, condinst   no
 ``sim``           SIM (:mod:`.sim`)               condinst           no
-``full``          CondInst, real masks (:mod:`.full`)  condinst, solov2   yes
+``box2mask_t``    Box2Mask-T (:mod:`.box2mask_t`)  mask2former        no
+``full``          real masks (:mod:`.full`)       condinst, solov2,  yes
+                                                  mask2former
 ``mixed``         masks where given, else boxes   condinst, solov2   yes
 ================  ==============================  =================  ===================
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from ..config import Config, ConfigError
 from .base import Method, combine_mask_losses, supervised_losses
+from .box2mask_t import Box2MaskTMethod
 from .boxinst import BoxInstMethod
 from .boxlevelset import BoxLevelSetMethod
 from .full import FullMethod, MixedMethod
@@ -23,7 +26,7 @@ from .sim import SIMMethod
 
 #: ``supervision.type`` -> method class
 METHODS: dict[str, type[Method]] = {m.key: m for m in (BoxInstMethod, FullMethod, MixedMethod, BoxLevelSetMethod,
-                                                       SIMMethod)}
+                                                       SIMMethod, Box2MaskTMethod)}
 
 
 def method_class(cfg: Config) -> type[Method]:

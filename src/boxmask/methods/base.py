@@ -14,7 +14,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from ..config import Config, ConfigError
-from ..structures import MaskInstances, SupervisionInputs, TrainOutputs
+from ..structures import MaskInstances, QueryOutputs, SupervisionInputs, TrainOutputs
 from ..supervision.base import MaskSupervision
 
 __all__ = ["Method", "combine_mask_losses", "supervised_losses"]
@@ -42,9 +42,14 @@ def supervised_losses(model: nn.Module, supervision: MaskSupervision, inputs: Su
                       step: int) -> dict[str, Tensor]:
     """All training losses of ``model`` on one batch with ``supervision`` as the mask loss: its
     ``forward_train`` on ``inputs`` (images, boxes, labels), then :func:`combine_mask_losses` with
-    ``supervision.losses(group, inputs, step)``. What :meth:`Method.losses` does for most methods; also for
+    ``supervision.losses(group, inputs, step)``; for a query-based network (``forward_train`` returns
+    :class:`~boxmask.structures.QueryOutputs`) ``supervision.losses(outputs, inputs, step)`` on the whole
+    set prediction. What :meth:`Method.losses` does for most methods; also for
     benchmarks and tests that wrap a supervision (e.g. to time it)."""
     out = model.forward_train(inputs.images, inputs.boxes, inputs.labels)
+    if isinstance(out, QueryOutputs):
+        # set prediction (Mask2Former): the supervision matches queries to objects and adds the anchor itself
+        return supervision.losses(out, inputs, step)
     return combine_mask_losses(out, lambda group: supervision.losses(group, inputs, step))
 
 

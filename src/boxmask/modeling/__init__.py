@@ -8,15 +8,17 @@ from torch import nn
 from ..config import ModelConfig
 from .box_conditioned import BoxConditionedModel
 from .condinst import CondInst
+from .mask2former import Mask2Former
 from .solov2 import SOLOv2
 
 #: ``model.arch`` -> network class
-ARCHITECTURE_CLASSES: dict[str, type[nn.Module]] = {"condinst": CondInst, "solov2": SOLOv2}
+ARCHITECTURE_CLASSES: dict[str, type[nn.Module]] = {"condinst": CondInst, "solov2": SOLOv2, "mask2former": Mask2Former}
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The network of a recipe: :class:`CondInst` (``model.arch: condinst``, BoxInst/CondInst/SIM recipes) or
-    :class:`SOLOv2` (``model.arch: solov2``, BoxLevelSet recipes).
+    """The network of a recipe: :class:`CondInst` (``model.arch: condinst``, BoxInst/CondInst/SIM recipes),
+    :class:`SOLOv2` (``model.arch: solov2``, BoxLevelSet recipes) or :class:`Mask2Former` (``model.arch:
+    mask2former``, Box2Mask-T recipes).
 
     Raises ValueError for an unknown ``cfg.arch`` or ``num_classes < 1``.
     """
@@ -25,4 +27,4 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return ARCHITECTURE_CLASSES[cfg.arch](cfg, num_classes)
 
 
-__all__ = ["ARCHITECTURE_CLASSES", "BoxConditionedModel", "CondInst", "SOLOv2", "build_model"]
+__all__ = ["ARCHITECTURE_CLASSES", "BoxConditionedModel", "CondInst", "Mask2Former", "SOLOv2", "build_model"]

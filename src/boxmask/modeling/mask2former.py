@@ -31,11 +31,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
-from ..config import ModelConfig
+from ..config import Mask2FormerConfig, ModelConfig
 from ..ops import tight_boxes
-from ..structures import InstancePredictions, QueryOutputs
+from ..structures import BoxConditionedMasks, InstancePredictions, QueryOutputs
 from .backbones import build_backbone
+from .box_conditioned import best_fitting_candidates, check_box_conditioned_args
 from .ms_deform_attn import MSDeformAttn
 
 __all__ = ["DeformableEncoderLayer", "Mask2Former", "Mask2FormerConfig", "Mask2FormerFeatures",
@@ -46,67 +48,6 @@ __all__ = ["DeformableEncoderLayer", "Mask2Former", "Mask2FormerConfig", "Mask2F
 MASK_STRIDE = 4
 # queries per upsampling step in predict: bounds the [n, H, W] float maps at the original size
 _PREDICT_CHUNK = 32
-
-
-@dataclass
-class Mask2FormerConfig:
-    """``model.mask2former``: sizes of the Mask2Former network (defaults = Mask2Former R-50 / Box2Mask-T,
-    methods.md §4.1 and §4.5; Cheng et al. CVPR 2022 Sec. 4.1).
-
-    Attributes:
-        hidden_dim: channels of the pixel decoder and of the queries (256).
-        num_queries: learned object queries ``Q`` (100).
-        encoder_layers: deformable-attention encoder layers of the pixel decoder (6).
-        encoder_ffn: hidden width of the encoder FFN (1024).
-        decoder_layers: masked-attention decoder layers (9); the network makes ``1 + decoder_layers``
-            prediction sets.
-        heads: attention heads of encoder and decoder (8).
-        n_points: sampling points per head and level of the deformable attention (4).
-        n_levels: backbone levels in the deformable encoder, the coarsest of C3-C5 (3 = strides 8/16/32);
-            the decoder cycles through them.
-        mask_dim: channels of the mask features and of the mask embeddings (256).
-        decoder_ffn: hidden width of the decoder FFN (2048).
-        level_set_channels: channels of Box2Mask-T's level-set feature head ``F_ls`` (1; 0 = no head).
-        dropout: dropout of attention and FFN (0.0).
-    """
-
-    hidden_dim: int = 256
-    num_queries: int = 100
-    encoder_layers: int = 6
-    encoder_ffn: int = 1024
-    decoder_layers: int = 9
-    decoder_ffn: int = 2048
-    heads: int = 8
-    n_points: int = 4
-    n_levels: int = 3
-    mask_dim: int = 256
-    level_set_channels: int = 1
-    dropout: float = 0.0
-
-    def validate(self, where: str = "model.mask2former") -> None:
-        """Value checks.
-
-        Raises:
-            ValueError: a size is not an int of the allowed range (``level_set_channels >= 0``, ``n_levels``
-                in 1..3, the others >= 1), ``hidden_dim`` is not a multiple of 32 (GroupNorm(32) groups) or of
-                ``heads``, or ``dropout`` is outside ``[0, 1)``.
-        """
-        for name in ("hidden_dim", "num_queries", "encoder_layers", "encoder_ffn", "decoder_layers",
-                     "decoder_ffn", "heads", "n_points", "n_levels", "mask_dim", "level_set_channels"):
-            val = getattr(self, name)
-            lowest = 0 if name == "level_set_channels" else 1
-            if isinstance(val, bool) or not isinstance(val, int) or val < lowest:
-                raise ValueError(f"{where}.{name} must be an int >= {lowest}, got {val!r}")
-        if self.n_levels > 3:
-            raise ValueError(f"{where}.n_levels must be 1, 2 or 3 (of backbone C3-C5), got {self.n_levels}")
-        if self.hidden_dim % 32:
-            raise ValueError(f"{where}.hidden_dim must be a multiple of 32 (GroupNorm with 32 groups), "
-                             f"got {self.hidden_dim}")
-        if self.hidden_dim % self.heads:
-            raise ValueError(f"{where}.hidden_dim ({self.hidden_dim}) must be divisible by heads ({self.heads})")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{where}.dropout must be in [0, 1), got {self.dropout!r}")
 
 
 def sine_position_encoding(height: int, width: int, channels: int, device: torch.device | None = None,
@@ -515,4 +456,50 @@ class Mask2Former(nn.Module):
             keep = keep[score[keep].argsort(descending=True)]
             binary = binary[keep]
             out.append(InstancePredictions(tight_boxes(binary), score[keep].float(), labels[keep].long(), binary))
+        return out
+
+    @torch.no_grad()
+    def box_conditioned_masks(self, images: Tensor, image_sizes: list[tuple[int, int]], boxes: list[Tensor],
+                              labels: list[Tensor] | None = None, rank: str = "score_iou",
+                              candidates: int = 5) -> list[BoxConditionedMasks]:
+        """Mask logits for given boxes (``annotate``; the rule of :mod:`boxmask.modeling.box_conditioned`
+        adapted to queries): the final prediction set's queries are ranked per box by the probability of
+        the box's class (the max over the object classes when the class is unknown) times, with
+        ``rank="score_iou"``, the IoU of the query mask's tight box (logit > 0, stride 4) with the given
+        box -- queries regress no box, their mask tells which object they serve; the ``candidates`` best
+        each draw their mask and the one with the smallest BoxInst projection term against the box is
+        kept. ``loc_inds`` are query indices, ``levels`` zeros and ``locations`` the box centres.
+
+        Arguments, returns and errors as :meth:`boxmask.modeling.condinst.CondInst.box_conditioned_masks`.
+        """
+        check_box_conditioned_args(images, boxes, labels, rank, candidates)
+        f = self.features(images)
+        probs = f.class_logits[-1].float().softmax(-1)[..., :-1]  # [B,Q,C] without no-object
+        masks = f.mask_logits[-1].float()  # [B,Q,h,w]
+        hp, wp = images.shape[-2:]
+        num_q, num_c = probs.shape[1:]
+        k = min(candidates, num_q)
+        out = []
+        for b in range(images.shape[0]):
+            bx = boxes[b].to(images.device).float()
+            n = len(bx)
+            agnostic = probs[b].max(1).values  # [Q]
+            if labels is not None and n:
+                lab = labels[b].to(images.device).long()
+                known = (lab >= 0) & (lab < num_c)
+                score = torch.where(known[:, None], probs[b][:, lab.clamp(0, num_c - 1)].t(), agnostic[None])
+            else:
+                score = agnostic[None].expand(n, num_q)
+            if rank == "score_iou" and n:
+                query_boxes = tight_boxes(masks[b] > 0) * MASK_STRIDE
+                score = score * box_iou(bx, query_boxes)
+            top_scores, top_q = score.topk(k, dim=1) if n else (score.new_zeros(0, k), score.new_zeros(0, k).long())
+            valid = torch.ones(n, k, dtype=torch.bool, device=images.device)
+            logits, pick, agreement = best_fitting_candidates(masks[b][top_q.reshape(-1)][:, None], valid, bx,
+                                                              (hp, wp), MASK_STRIDE)
+            centres = torch.stack(((bx[:, 0] + bx[:, 2]) / 2, (bx[:, 1] + bx[:, 3]) / 2), 1)
+            out.append(BoxConditionedMasks(logits, top_q.gather(1, pick[:, None])[:, 0],
+                                           torch.zeros(n, dtype=torch.int64, device=images.device), centres,
+                                           top_scores.gather(1, pick[:, None])[:, 0],
+                                           torch.ones(n, dtype=torch.bool, device=images.device), agreement))
         return out

@@ -21,14 +21,12 @@ built from these pieces and from :mod:`boxmask.supervision.levelset` / :mod:`box
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from ..config import ConfigError
+from ..config import Box2MaskTConfig, ConfigError
 from ..ops import aligned_bilinear, box_masks_at_stride, compute_dtype, projection_terms
 from ..structures import QueryOutputs, SupervisionInputs
 from .color import neighbor_offsets
@@ -37,7 +35,7 @@ from .levelset import _IMAGENET_MEAN, _IMAGENET_STD, _resize, chan_vese_energy, 
 from .tree_filter import grid_mst
 
 __all__ = ["Box2MaskTConfig", "Box2MaskTFullSupervision", "Box2MaskTSupervision", "box_projection_dice_cost",
-           "lcm_loss", "lcm_refine", "match_queries_to_boxes", "match_queries_to_masks"]
+           "lcm_affinity", "lcm_loss", "lcm_refine", "match_queries_to_boxes", "match_queries_to_masks"]
 
 _STD_EPS = 1e-8  # added to the neighbour standard deviation (methods.md §4.3)
 # cap on the channel-mean normalised distance before squaring: (1e18)^2 = 1e36 < float32 max, so the
@@ -204,8 +202,9 @@ def _neighbours(x: Tensor, dilation: int) -> Tensor:
     )
 
 
-def _lcm_affinity(image: Tensor, dilation: int, alpha: float) -> Tensor:
-    """LCM affinities ``[N, 1, 8, h, w]`` (softmax over the 8 neighbours) of a guide ``[N, C, h, w]``."""
+def lcm_affinity(image: Tensor, dilation: int = 2, alpha: float = 0.3) -> Tensor:
+    """LCM affinities ``[N, 1, 8, h, w]`` (softmax over the 8 neighbours, dilation ``dilation``, replicate
+    padding) of a float guide ``[N, C, h, w]``: the ``a_ij`` of :func:`lcm_refine` (methods.md §4.3)."""
     nbrs = _neighbours(image, dilation)  # [N, C, 8, h, w]
     # per pixel i and channel c: std over its 8 neighbours (unbiased, torch's default, as PAMR)
     std = nbrs.std(dim=2, keepdim=True)  # [N, C, 1, h, w]
@@ -231,7 +230,8 @@ def _check_lcm_args(name: str, image: Tensor, probs: Tensor, dilation: int, iter
         raise ValueError(f"{name}: alpha must be finite and > 0, got {alpha!r}")
 
 
-def lcm_refine(image: Tensor, probs: Tensor, dilation: int = 2, iterations: int = 10, alpha: float = 0.3) -> Tensor:
+def lcm_refine(image: Tensor, probs: Tensor, dilation: int = 2, iterations: int = 10, alpha: float = 0.3,
+               affinity: Tensor | None = None) -> Tensor:
     """Local consistency module: refine mask probabilities by image-guided local averaging (PAMR-like).
 
     Box2Mask paper §3.3 (LCM) as written in methods.md §4.3. For every pixel ``i`` and its 8 neighbours
@@ -255,6 +255,8 @@ def lcm_refine(image: Tensor, probs: Tensor, dilation: int = 2, iterations: int 
         dilation: neighbour offset in pixels (2 in Box2Mask-T).
         iterations: number of refinement steps (10); 0 returns ``probs``.
         alpha: temperature of the affinity (0.3).
+        affinity: the affinities ``[N, 1, 8, h, w]`` of ``image`` computed before (:func:`lcm_affinity`), so
+            that a guide shared by several calls is analysed once; None computes them.
 
     Returns:
         float32 ``[N, K, h, w]`` (float64 for float64 probs), values in ``[0, 1]`` (each step is a convex
@@ -269,7 +271,9 @@ def lcm_refine(image: Tensor, probs: Tensor, dilation: int = 2, iterations: int 
     refined = probs.to(dtype)
     if iterations == 0:
         return refined
-    affinity = _lcm_affinity(image.to(device=refined.device, dtype=dtype), dilation, alpha)  # [N, 1, 8, h, w]
+    if affinity is None:
+        affinity = lcm_affinity(image.to(device=refined.device, dtype=dtype), dilation, alpha)  # [N, 1, 8, h, w]
+    affinity = affinity.to(device=refined.device, dtype=dtype)
     for _ in range(iterations):
         refined = (_neighbours(refined, dilation) * affinity).sum(dim=2)
     return refined
@@ -282,6 +286,7 @@ def lcm_loss(
     dilation: int = 2,
     iterations: int = 10,
     alpha: float = 0.3,
+    affinity: Tensor | None = None,
 ) -> Tensor:
     """LCM consistency loss: L1 distance of ``probs`` to their detached LCM refinement inside the boxes.
 
@@ -296,7 +301,7 @@ def lcm_loss(
         probs: float ``[N, K, h, w]`` mask probabilities in ``[0, 1]`` (``sigmoid`` of the logits).
         box_masks: float/bool ``[N, K, h, w]`` box masks (1 inside the instance's GT box; soft values act
             as weights).
-        dilation, iterations, alpha: as :func:`lcm_refine` (2, 10, 0.3 in Box2Mask-T).
+        dilation, iterations, alpha, affinity: as :func:`lcm_refine` (2, 10, 0.3 in Box2Mask-T).
 
     Returns:
         float32 scalar (float64 for float64 probs), >= 0; ``probs.sum() * 0`` (graph-connected) when there
@@ -312,7 +317,8 @@ def lcm_loss(
     if p.numel() == 0:
         return p.sum() * 0.0
     with torch.no_grad():  # the refinement is a target, not a path for gradients
-        target = lcm_refine(image.detach(), p.detach(), dilation, iterations, alpha)
+        target = lcm_refine(image.detach(), p.detach(), dilation, iterations, alpha,
+                            None if affinity is None else affinity.detach())
     weights = box_masks.to(device=p.device, dtype=p.dtype)
     return ((target - p).abs() * weights).sum() / weights.sum().clamp(min=1.0)
 
@@ -322,68 +328,6 @@ def lcm_loss(
 # Everything below consumes a query-based network's :class:`~boxmask.structures.QueryOutputs` (all prediction
 # sets, unmatched) and a :class:`~boxmask.structures.SupervisionInputs` view of the batch.
 
-_INT_FIELDS = ("work_size", "lcm_dilation", "lcm_iterations")
-
-
-@dataclass
-class Box2MaskTConfig:
-    """Weights of Box2Mask-T's matching and losses (defaults: methods.md §4.5, BoxInstSeg ``Box2MaskHead``)."""
-
-    #: weight of the classification CE (over all queries of a set)
-    class_weight: float = 2.0
-    #: CE class weight of the "no object" class (objects: 1); the CE is divided by the sum of the weights
-    no_object_weight: float = 0.1
-    #: weight of the box projection dice loss (eps 1e-5) on the matched masks
-    projection_weight: float = 5.0
-    #: weight of the whole level-set loss, and inside it the image / deep energies and the LCM term
-    levelset_weight: float = 1.0
-    img_weight: float = 0.05
-    deep_weight: float = 5.0
-    lcm_weight: float = 0.2
-    #: Hungarian matching cost: class and box-projection-dice weights, dice smoothing eps
-    match_class_weight: float = 2.0
-    match_box_weight: float = 5.0
-    match_eps: float = 1.0
-    #: True (methods.md §4.2): the box cost compares the mask logits upsampled (aligned bilinear) to the full
-    #: padded resolution with the full-resolution box masks; False: at the mask stride against the bilinear
-    #: stride-4 box masks of the losses (16x less memory and work, an approximation of the reference)
-    match_full_resolution: bool = True
-    #: side of the square grid the tree filters and the LCM work on (96x96)
-    work_size: int = 96
-    #: local consistency module: neighbour dilation, refinement iterations, affinity temperature
-    lcm_dilation: int = 2
-    lcm_iterations: int = 10
-    lcm_alpha: float = 0.3
-    #: tree-filter ranges of the image tree and of the level-set-feature tree (as BoxLevelSet, §3.3)
-    low_sigma: float = 0.02
-    high_sigma: float = 1.0
-    #: mask-supervised reference (:class:`Box2MaskTFullSupervision`): BCE and dice weights, used for both the
-    #: matching cost and the losses (Mask2Former)
-    mask_bce_weight: float = 5.0
-    mask_dice_weight: float = 5.0
-
-    def validate(self, where: str = "box2mask_t") -> None:
-        """Value checks. Raises :class:`~boxmask.config.ConfigError` (a ValueError) naming the field."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "match_full_resolution":
-                if not isinstance(value, bool):
-                    raise ConfigError(f"{where}.{f.name} must be a bool, got {value!r}")
-            elif f.name in _INT_FIELDS:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ConfigError(f"{where}.{f.name} must be an int, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    0.0 <= float(value) < float("inf")):
-                raise ConfigError(f"{where}.{f.name} must be a finite number >= 0, got {value!r}")
-        for name in ("no_object_weight", "lcm_alpha", "low_sigma", "high_sigma"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{where}.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.work_size < 2:
-            raise ConfigError(f"{where}.work_size must be >= 2, got {self.work_size}")
-        if self.lcm_dilation < 1:
-            raise ConfigError(f"{where}.lcm_dilation must be >= 1, got {self.lcm_dilation}")
-        if self.lcm_iterations < 0:
-            raise ConfigError(f"{where}.lcm_iterations must be >= 0, got {self.lcm_iterations}")
 
 
 def _check_query_outputs(who: str, out: QueryOutputs, inputs: SupervisionInputs) -> tuple[int, int, int, int]:
@@ -545,6 +489,9 @@ class Box2MaskTSupervision:
         work = (cfg.work_size, cfg.work_size)
         if cfg.deep_weight > 0 or cfg.lcm_weight > 0:
             ctx["img_work"] = _resize(img_mask, work)
+        if cfg.lcm_weight > 0 and cfg.lcm_iterations > 0:
+            with torch.no_grad():  # per image once, shared by every prediction set and instance
+                ctx["lcm_affinity"] = lcm_affinity(ctx["img_work"], cfg.lcm_dilation, cfg.lcm_alpha)
         if cfg.deep_weight > 0:
             feats = _resize(out.level_set_feats.to(device)[used].float(), work)
             ctx["feats_work"] = feats
@@ -571,7 +518,8 @@ class Box2MaskTSupervision:
         if cfg.lcm_weight > 0:
             loss = loss + cfg.lcm_weight * lcm_loss(ctx["img_work"].to(probs.dtype)[rows], probs_work,
                                                     _resize(box[:, None], work), cfg.lcm_dilation,
-                                                    cfg.lcm_iterations, cfg.lcm_alpha)
+                                                    cfg.lcm_iterations, cfg.lcm_alpha,
+                                                    ctx["lcm_affinity"][rows] if "lcm_affinity" in ctx else None)
         return loss
 
     # ---------------------------------------------------------------- losses

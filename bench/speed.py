@@ -62,6 +62,12 @@ sample, resized to exactly the stated size with their boxes), it measures, as me
   ``supervision.type=levelset``), ``boxlevelset_step_s`` (a whole training step), ``boxlevelset_loss_path_s``
   (every ``LevelSetSupervision.losses`` call of that step, forward + backward, on detached inputs),
   ``boxlevelset_fraction`` (their ratio), ``boxlevelset_positives`` and the loss path's peak memory.
+* with ``--box2mask-t`` (instead of everything above): one ``benchmark: "box2mask_t_step"`` row per config: the
+  packaged Box2Mask-T recipe with the config's backbone and size (Mask2Former network,
+  ``supervision.type=box2mask_t``), ``box2mask_t_step_s`` (a whole training step) and its parts:
+  ``box2mask_t_backbone_s``, ``box2mask_t_pixel_decoder_s``, ``box2mask_t_transformer_decoder_s`` (forwards
+  with autograd recording), ``box2mask_t_matching_s`` (Hungarian matching of every prediction set) and
+  ``box2mask_t_losses_s`` (matching + losses, forward + backward, on detached outputs).
 * with ``--inference`` (instead of everything above): inference rows only, ``benchmark: "inference"``, three
   per config: ``runtime`` ``pytorch`` (``model.predict``, eager, fp32, ``torch.set_num_threads(--threads)``) and
   ``onnxruntime`` twice, ``onnx_masks`` ``probabilities`` (the default export) and ``binary``
@@ -857,6 +863,91 @@ def run_boxlevelset(name: str, *, device: str = "auto", reps: int = 5, warmup: i
     }
 
 
+#: the Box2Mask-T recipe timed by ``--box2mask-t`` for each config
+BOX2MASK_T_RECIPES: dict[str, BenchSpec] = {
+    "r50": BenchSpec("box2mask_t_R_50_50e", ("data.builtin=sample", "model.backbone_weights=none"), (800, 1333), 2),
+    "lite0": BenchSpec("box2mask_t_effnet-lite0_nuts", ("data.builtin=sample", "model.backbone_weights=none"),
+                       (512, 512), 2),
+}
+
+
+def run_box2mask_t(name: str, *, device: str = "auto", reps: int = 5, warmup: int = 2, dataset: str | None = None,
+                   image_size: tuple[int, int] | None = None, batch: int | None = None,
+                   overrides: Sequence[str] = (), seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+    """A Box2Mask-T training step split into its parts (``--box2mask-t``, module doc).
+
+    The packaged recipe of config ``name`` (:data:`BOX2MASK_T_RECIPES`: Mask2Former network,
+    ``supervision.type=box2mask_t``), random weights, fp32. Times the whole training step (forward, matching,
+    losses, backward, clip, optimiser step) and, forward only with autograd recording as in training, the
+    backbone, the pixel decoder and the transformer decoder; the Hungarian matching of every prediction set;
+    and the losses (forward + backward on the detached outputs, matching included). Returns the JSON record
+    (``box2mask_t_step_s``, ``box2mask_t_backbone_s``, ``box2mask_t_pixel_decoder_s``,
+    ``box2mask_t_transformer_decoder_s``, ``box2mask_t_matching_s``, ``box2mask_t_losses_s``). Raises KeyError
+    for an unknown config.
+    """
+    from boxmask.methods import method_for
+    from boxmask.structures import QueryOutputs
+
+    if name not in BOX2MASK_T_RECIPES:
+        raise KeyError(f"unknown benchmark config {name!r}; choose from {sorted(BOX2MASK_T_RECIPES)}")
+    say = log or (lambda _msg: None)
+    spec = BOX2MASK_T_RECIPES[name]
+    cfg = load_config(spec.recipe, [*spec.overrides, *overrides])
+    dev = resolve_device(device)
+    hw = tuple(image_size or spec.image_size)
+    bsz = int(batch or spec.batch)
+    dataset = dataset or default_dataset()
+    cpu_batch, num_classes, ds_name = load_batch(dataset, hw, bsz, cfg.data.size_divisibility)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes).to(dev).train()
+    opt = build_optimizer(model, cfg.solver)
+    supervision = method_for(cfg, num_classes).supervision
+    data = cpu_batch.to(dev)
+    inputs = supervision_inputs(data, with_masks=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        losses = supervised_losses(model, supervision, inputs, 0)
+        sum(losses.values()).backward()
+        if cfg.solver.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.solver.grad_clip)
+        opt.step()
+
+    x = (data.images.float() - model.pixel_mean) / model.pixel_std
+    feats = model.backbone(x)
+    mask_features, multi_scale = model.pixel_decoder(feats)
+    out = model.forward_train(data.images, inputs.boxes, inputs.labels)
+    detached = QueryOutputs([c.detach() for c in out.class_logits], [m.detach() for m in out.mask_logits],
+                            out.anchor.detach(), out.stride,
+                            None if out.level_set_feats is None else out.level_set_feats.detach())
+
+    def losses_path():
+        fresh = QueryOutputs([c.clone().requires_grad_(True) for c in detached.class_logits],
+                             [m.clone().requires_grad_(True) for m in detached.mask_logits], detached.anchor,
+                             detached.stride, None if detached.level_set_feats is None
+                             else detached.level_set_feats.clone().requires_grad_(True))
+        sum(supervision.losses(fresh, inputs, 0).values()).backward()
+
+    say(f"[{name}] Box2Mask-T step ...")
+    row = {"box2mask_t_step_s": time_call(step, dev, reps, warmup)}
+    say(f"[{name}] parts ...")
+    row["box2mask_t_backbone_s"] = time_call(lambda: model.backbone(x), dev, reps, warmup)
+    row["box2mask_t_pixel_decoder_s"] = time_call(lambda: model.pixel_decoder(feats), dev, reps, warmup)
+    row["box2mask_t_transformer_decoder_s"] = time_call(lambda: model.decoder(multi_scale, mask_features), dev,
+                                                        reps, warmup)
+    row["box2mask_t_matching_s"] = time_call(lambda: supervision.matches(detached, inputs), dev, reps, warmup)
+    row["box2mask_t_losses_s"] = time_call(losses_path, dev, reps, warmup)
+    return {
+        "benchmark": "box2mask_t_step", "config": name, "recipe": spec.recipe, "backbone": cfg.model.backbone,
+        "dataset": ds_name, "device": device_description(dev), "torch": torch.__version__, "precision": "fp32",
+        "batch": bsz, "image_size": [int(hw[0]), int(hw[1])], "reps": reps, "warmup": warmup,
+        "queries": cfg.model.mask2former.num_queries, "decoder_layers": cfg.model.mask2former.decoder_layers,
+        "gt_instances": sum(len(b) for b in inputs.boxes), **row,
+        "commit": git_commit(), "date": dt.date.today().isoformat(),
+    }
+
+
 def levelset_timing(cfg: Config, num_classes: int, data, inputs, dev: torch.device, reps: int, warmup: int,
                     seed: int, amp: Callable[[], contextlib.AbstractContextManager]) -> dict:
     """Training step and loss path with ``supervision.type=levelset`` (BoxLevelSet losses on CondInst).
@@ -965,6 +1056,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="also time a SIM training step (teacher, prototypes, pseudo masks, copy-paste)")
     ap.add_argument("--boxlevelset", action="store_true",
                     help="only the BoxLevelSet rows: level-set loss share of a SOLOv2 training step")
+    ap.add_argument("--box2mask-t", dest="box2mask_t", action="store_true",
+                    help="only the Box2Mask-T rows: a training step split into backbone, pixel decoder, transformer "
+                         "decoder, matching and losses")
     ap.add_argument("--inference", action="store_true",
                     help="only the inference rows: PyTorch eager and onnxruntime on the CPU with --threads (default 2)")
     ap.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON-lines file to append to")
@@ -988,6 +1082,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             emit(run_boxlevelset(name, device=args.device, reps=args.reps, warmup=args.warmup, dataset=args.dataset,
                                  image_size=image_size, batch=args.batch, overrides=args.overrides,
                                  log=lambda m: print(m, file=sys.stderr, flush=True)))
+        return records
+    if args.box2mask_t:
+        for name in args.configs:
+            emit(run_box2mask_t(name, device=args.device, reps=args.reps, warmup=args.warmup, dataset=args.dataset,
+                                image_size=image_size, batch=args.batch, overrides=args.overrides,
+                                log=lambda m: print(m, file=sys.stderr, flush=True)))
         return records
     if args.inference:
         for name in args.configs:

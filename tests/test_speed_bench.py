@@ -104,6 +104,21 @@ def test_boxlevelset_rows_time_the_level_set_share_of_a_solov2_step(tmp_path):
     assert rec["boxlevelset_loss_peak_mem_bytes"] > 0
 
 
+def test_box2mask_t_rows_split_the_step(tmp_path):
+    out = tmp_path / "speed.jsonl"
+    tiny = ["model.mask2former.hidden_dim=32", "model.mask2former.num_queries=6", "model.mask2former.encoder_layers=1",
+            "model.mask2former.decoder_layers=2", "model.mask2former.mask_dim=32", "model.mask2former.heads=4",
+            "supervision.box2mask_t.work_size=24"]
+    (rec,) = speed.main(["--configs", "lite0", "--box2mask-t", "--image-size", "96", "--reps", "1", "--warmup", "0",
+                         "--dataset", "sample", "--device", "cpu", "--output", str(out),
+                         *[a for o in tiny for a in ("--set", o)]])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rec))
+    assert rec["benchmark"] == "box2mask_t_step" and rec["recipe"].startswith("box2mask_t_")
+    assert rec["queries"] == 6 and rec["decoder_layers"] == 2 and rec["gt_instances"] > 0
+    parts = ("backbone", "pixel_decoder", "transformer_decoder", "matching", "losses")
+    assert all(rec[f"box2mask_t_{p}_s"] > 0 for p in parts) and rec["box2mask_t_step_s"] > 0
+
+
 def test_paths_agree_on_varied_logits():
     """Model logits at initialisation are nearly constant; spread them so every edge weight matters."""
     cfg, _, _, _, li = _loss_inputs()

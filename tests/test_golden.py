@@ -2,9 +2,10 @@
 
 For one fixed batch of the bundled sample (its first two train images at 160-320 px) and fixed seeds, the
 training-mode loss dict of BoxInst, CondInst (full masks), mixed (masks for some instances, boxes for the
-others), BoxLevelSet on both networks (SOLOv2 and CondInst) and SIM (one step that fills its copy-paste
-bank, then one step that pastes from the full bank) must equal the stored values to 1e-6 relative; and the
-inference of both networks on two sample images must give the same detections (labels and binary masks
+others), BoxLevelSet on both networks (SOLOv2 and CondInst), SIM (one step that fills its copy-paste
+bank, then one step that pastes from the full bank), Box2Mask-T and its mask-supervised Mask2Former (a small
+Mask2Former; added with issue 14, the other entries unchanged) must equal the stored values to 1e-6 relative; and the
+inference of every network (CondInst, SOLOv2, Mask2Former) on two sample images must give the same detections (labels and binary masks
 exactly, boxes and scores to 1e-6 relative). SOLOv2 is recorded twice: with the reference kernel (as
 before issue 13) and with ``model.solov2.position_prior`` (the short recipes' default since issue 13; those
 entries were added then, the others were left as they were).
@@ -58,6 +59,11 @@ ATOL = 1e-9
 
 BOXINST_RECIPE = "boxinst_effnet-lite0_fpn_dsb2018-sample"
 BOXLEVELSET_RECIPE = "boxlevelset_effnet-lite0_fpn_dsb2018-sample"
+BOX2MASK_T_RECIPE = "box2mask_t_effnet-lite0_dsb2018-sample"
+#: a small Mask2Former (issue 14): the sample recipe's network is too big for a quick CPU check
+M2F_TINY = ["model.mask2former.hidden_dim=32", "model.mask2former.num_queries=8", "model.mask2former.encoder_layers=1",
+            "model.mask2former.encoder_ffn=64", "model.mask2former.decoder_layers=2", "model.mask2former.decoder_ffn=64",
+            "model.mask2former.heads=4", "model.mask2former.mask_dim=32", "model.mask2former.n_points=2"]
 #: small images, random init, CPU: everything else is the packaged recipe
 COMMON = ["data.min_sizes=[160]", "data.max_size=320", "data.test_min_size=160", "data.test_max_size=320",
           "data.num_workers=0", "data.check_images=false", "model.backbone_weights=none",
@@ -78,6 +84,9 @@ METHODS = {
     "boxlevelset_solov2_prior": (BOXLEVELSET_RECIPE, ["model.solov2.position_prior=true"], False),
     "boxlevelset_condinst": (BOXINST_RECIPE, LEVELSET_ON_CONDINST, False),
     "sim": (BOXINST_RECIPE, SIM, False),
+    # added with issue 14 (the entries above were left as they were)
+    "box2mask_t": (BOX2MASK_T_RECIPE, M2F_TINY, False),
+    "mask2former_full": (BOX2MASK_T_RECIPE, M2F_TINY + ["supervision.type=full"], True),
 }
 #: the global step of the recorded losses: inside the BoxInst pairwise warm-up (100 in the recipe), past SIM's
 STEP = 50
@@ -88,6 +97,7 @@ PREDICT = {
     "condinst": (BOXINST_RECIPE, ["model.score_threshold=0.0", "model.max_detections=20"]),
     "solov2": (BOXLEVELSET_RECIPE, SOLO_PREDICT + ["model.solov2.position_prior=false"]),
     "solov2_prior": (BOXLEVELSET_RECIPE, SOLO_PREDICT + ["model.solov2.position_prior=true"]),
+    "mask2former": (BOX2MASK_T_RECIPE, M2F_TINY + ["model.score_threshold=0.0", "model.max_detections=8"]),
 }
 
 

@@ -786,6 +786,44 @@ class _Recording:
         return self.supervision.losses(instances, inputs, step)
 
 
+@dataclasses.dataclass
+class _StepSetup:
+    spec: BenchSpec
+    cfg: Config
+    dev: torch.device
+    hw: tuple[int, int]
+    bsz: int
+    ds_name: str
+    num_classes: int
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    data: object
+    inputs: object
+    params: list
+
+
+def _recipe_step_setup(table: dict[str, BenchSpec], name: str, device: str, dataset: str | None,
+                       image_size: tuple[int, int] | None, batch: int | None, overrides: Sequence[str],
+                       seed: int) -> _StepSetup:
+    """What a recipe's training-step benchmark starts from (``--boxlevelset``, ``--box2mask-t``): the recipe of
+    config ``name`` in ``table`` with ``overrides``, one batch of ``dataset`` at the size, a randomly
+    initialised network in train mode on the device, its optimiser, the box-only supervision view. Raises
+    KeyError for an unknown config."""
+    if name not in table:
+        raise KeyError(f"unknown benchmark config {name!r}; choose from {sorted(table)}")
+    spec = table[name]
+    cfg = load_config(spec.recipe, [*spec.overrides, *overrides])
+    dev = resolve_device(device)
+    hw = tuple(image_size or spec.image_size)
+    bsz = int(batch or spec.batch)
+    cpu_batch, num_classes, ds_name = load_batch(dataset or default_dataset(), hw, bsz, cfg.data.size_divisibility)
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes).to(dev).train()
+    data = cpu_batch.to(dev)
+    return _StepSetup(spec, cfg, dev, hw, bsz, ds_name, num_classes, model, build_optimizer(model, cfg.solver), data,
+                      supervision_inputs(data, with_masks=False), [p for p in model.parameters() if p.requires_grad])
+
+
 #: the BoxLevelSet recipe timed by ``--boxlevelset`` for each config (same backbone and input size)
 BOXLEVELSET_RECIPES: dict[str, BenchSpec] = {
     "r50": BenchSpec("boxlevelset_R_50_FPN_3x", ("data.builtin=sample", "model.backbone_weights=none"), (800, 1333), 2),
@@ -808,23 +846,11 @@ def run_boxlevelset(name: str, *, device: str = "auto", reps: int = 5, warmup: i
     """
     from boxmask.supervision.levelset import LevelSetSupervision
 
-    if name not in BOXLEVELSET_RECIPES:
-        raise KeyError(f"unknown benchmark config {name!r}; choose from {sorted(BOXLEVELSET_RECIPES)}")
     say = log or (lambda _msg: None)
-    spec = BOXLEVELSET_RECIPES[name]
-    cfg = load_config(spec.recipe, [*spec.overrides, *overrides])
-    dev = resolve_device(device)
-    hw = tuple(image_size or spec.image_size)
-    bsz = int(batch or spec.batch)
-    dataset = dataset or default_dataset()
-    cpu_batch, num_classes, ds_name = load_batch(dataset, hw, bsz, cfg.data.size_divisibility)
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, num_classes).to(dev).train()
-    opt = build_optimizer(model, cfg.solver)
+    b = _recipe_step_setup(BOXLEVELSET_RECIPES, name, device, dataset, image_size, batch, overrides, seed)
+    spec, cfg, dev, hw, bsz, ds_name = b.spec, b.cfg, b.dev, b.hw, b.bsz, b.ds_name
+    model, opt, inputs, params = b.model, b.opt, b.inputs, b.params
     supervision = LevelSetSupervision(cfg.supervision)
-    data = cpu_batch.to(dev)
-    inputs = supervision_inputs(data, with_masks=False)
-    params = [p for p in model.parameters() if p.requires_grad]
     recorder = _Recording(supervision)
     captured = recorder.instances
 
@@ -888,23 +914,11 @@ def run_box2mask_t(name: str, *, device: str = "auto", reps: int = 5, warmup: in
     from boxmask.methods import method_for
     from boxmask.structures import QueryOutputs
 
-    if name not in BOX2MASK_T_RECIPES:
-        raise KeyError(f"unknown benchmark config {name!r}; choose from {sorted(BOX2MASK_T_RECIPES)}")
     say = log or (lambda _msg: None)
-    spec = BOX2MASK_T_RECIPES[name]
-    cfg = load_config(spec.recipe, [*spec.overrides, *overrides])
-    dev = resolve_device(device)
-    hw = tuple(image_size or spec.image_size)
-    bsz = int(batch or spec.batch)
-    dataset = dataset or default_dataset()
-    cpu_batch, num_classes, ds_name = load_batch(dataset, hw, bsz, cfg.data.size_divisibility)
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, num_classes).to(dev).train()
-    opt = build_optimizer(model, cfg.solver)
-    supervision = method_for(cfg, num_classes).supervision
-    data = cpu_batch.to(dev)
-    inputs = supervision_inputs(data, with_masks=False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    b = _recipe_step_setup(BOX2MASK_T_RECIPES, name, device, dataset, image_size, batch, overrides, seed)
+    spec, cfg, dev, hw, bsz, ds_name = b.spec, b.cfg, b.dev, b.hw, b.bsz, b.ds_name
+    model, opt, data, inputs, params = b.model, b.opt, b.data, b.inputs, b.params
+    supervision = method_for(cfg, b.num_classes).supervision
 
     def step():
         opt.zero_grad(set_to_none=True)

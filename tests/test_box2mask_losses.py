@@ -229,7 +229,12 @@ def test_box_mode_ignores_and_never_reads_gt_masks():
     touched = sup.losses(_outputs(), exploding, 0)
     for k in KEYS:
         assert torch.equal(clean[k], touched[k]), k
-    assert not Box2MaskTSupervision.reads_gt_masks and Box2MaskTFullSupervision.reads_gt_masks
+    # whether GT masks reach a supervision is declared once, by its method
+    from boxmask.config import load_config
+    from boxmask.methods import method_class
+    recipe = "box2mask_t_effnet-lite0_dsb2018-sample"
+    assert not method_class(load_config(recipe)).reads_gt_masks
+    assert method_class(load_config(recipe, ["supervision.type=full"])).reads_gt_masks
 
 
 # ------------------------------------------------------------------------ empty images, graph, gradients

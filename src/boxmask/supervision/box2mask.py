@@ -29,6 +29,7 @@ from torch import Tensor
 from ..config import Box2MaskTConfig, ConfigError
 from ..ops import aligned_bilinear, box_masks_at_stride, compute_dtype, projection_terms
 from ..structures import QueryOutputs, SupervisionInputs
+from .base import MaskSupervision
 from .color import neighbor_offsets
 from .full import dice_loss, gt_masks_at_stride
 from .levelset import _IMAGENET_MEAN, _IMAGENET_STD, _resize, chan_vese_energy, levelset_targets
@@ -389,7 +390,26 @@ def _gather_matched(mask_logits: Tensor, matches: list[tuple[Tensor, Tensor]], p
     return torch.cat(rows), torch.cat(targets), torch.cat(im)
 
 
-class Box2MaskTSupervision:
+class _SetSupervision(MaskSupervision):
+    """What both Box2Mask-T supervisions share: the validated config, and ``losses`` = the per-set losses of
+    :meth:`losses_per_set` summed over the prediction sets, each key plus ``out.anchor`` (float32)."""
+
+    def __init__(self, cfg: Box2MaskTConfig | None = None):
+        self.cfg = cfg if cfg is not None else Box2MaskTConfig()
+        self.cfg.validate()
+
+    def losses_per_set(self, out: QueryOutputs, inputs: SupervisionInputs, step: int) -> list[dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def losses(self, out: QueryOutputs, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
+        """The keys of :meth:`losses_per_set` as float32 scalars summed over all prediction sets, each plus
+        ``out.anchor``. ``step`` is unused (Box2Mask-T has no warm-up)."""
+        per_set = self.losses_per_set(out, inputs, step)
+        anchor = out.anchor.float()
+        return {key: sum(d[key] for d in per_set) + anchor for key in per_set[0]}
+
+
+class Box2MaskTSupervision(_SetSupervision):
     """Box2Mask-T supervision: box-level matching and the box-only losses of every prediction set.
 
     For each prediction set ``s`` of :class:`~boxmask.structures.QueryOutputs` (matched independently, as
@@ -420,16 +440,6 @@ class Box2MaskTSupervision:
     to its mask logits (and ``level_set_feats``). Box mode: reads images, boxes and labels only -- never
     ``inputs.masks`` / ``has_mask``. All loss math in float32 (float64 inputs stay float64).
     """
-
-    reads_gt_masks = False
-
-    def __init__(self, cfg: Box2MaskTConfig | None = None):
-        self.cfg = cfg if cfg is not None else Box2MaskTConfig()
-        self.cfg.validate()
-
-    def prepare_inputs(self, inputs: SupervisionInputs, step: int) -> SupervisionInputs:
-        """No batch-level augmentation (interface parity with :class:`~boxmask.supervision.MaskSupervision`)."""
-        return inputs
 
     # ---------------------------------------------------------------- batch-level targets
 
@@ -561,12 +571,6 @@ class Box2MaskTSupervision:
             results.append({"loss_ce": loss_ce, "loss_proj": loss_proj, "loss_levelset": loss_ls})
         return results
 
-    def losses(self, out: QueryOutputs, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
-        """``{"loss_ce", "loss_proj", "loss_levelset"}``: float32 scalars, summed over all prediction sets, each
-        plus ``out.anchor``. ``step`` is unused (Box2Mask-T has no warm-up)."""
-        per_set = self.losses_per_set(out, inputs, step)
-        anchor = out.anchor.float()
-        return {key: sum(d[key] for d in per_set) + anchor for key in per_set[0]}
 
 
 # ------------------------------------------------------------------------ mask-supervised reference (Mask2Former)
@@ -636,7 +640,7 @@ def match_queries_to_masks(
     return query_idx[order].to(device), gt_idx[order].to(device)
 
 
-class Box2MaskTFullSupervision:
+class Box2MaskTFullSupervision(_SetSupervision):
     """Mask-supervised Mask2Former reference for Box2Mask-T's network (the upper bound the paper compares to).
 
     Per prediction set: :func:`match_queries_to_masks` against the GT masks point-sampled at the mask stride
@@ -649,15 +653,6 @@ class Box2MaskTFullSupervision:
 
     Reads ``inputs.masks``; every GT needs a mask (``has_mask`` all True or None).
     """
-
-    reads_gt_masks = True
-
-    def __init__(self, cfg: Box2MaskTConfig | None = None):
-        self.cfg = cfg if cfg is not None else Box2MaskTConfig()
-        self.cfg.validate()
-
-    def prepare_inputs(self, inputs: SupervisionInputs, step: int) -> SupervisionInputs:
-        return inputs
 
     def _gt_masks(self, inputs: SupervisionInputs, stride: int, device: torch.device) -> list[Tensor]:
         who = "Box2MaskTFullSupervision"
@@ -709,8 +704,3 @@ class Box2MaskTFullSupervision:
             results.append({"loss_ce": loss_ce, "loss_mask_bce": loss_bce, "loss_mask_dice": loss_dice})
         return results
 
-    def losses(self, out: QueryOutputs, inputs: SupervisionInputs, step: int) -> dict[str, Tensor]:
-        """``{"loss_ce", "loss_mask_bce", "loss_mask_dice"}`` float32 scalars summed over the sets, plus anchor."""
-        per_set = self.losses_per_set(out, inputs, step)
-        anchor = out.anchor.float()
-        return {key: sum(d[key] for d in per_set) + anchor for key in per_set[0]}

@@ -298,11 +298,13 @@ def test_losses_are_sums_over_the_prediction_sets():
     for k in KEYS:
         assert float(total[k]) == pytest.approx(sum(float(d[k]) for d in per_set), rel=1e-6)
         assert len({round(float(d[k]), 6) for d in per_set}) == SETS  # every set contributes its own value
-    # dropping the auxiliary sets leaves the final set's losses
-    last = QueryOutputs(out.class_logits[-1:], out.mask_logits[-1:], out.anchor, STRIDE, out.level_set_feats)
-    only = sup.losses(last, _inputs(), 0)
-    for k in KEYS:
-        assert float(only[k]) == pytest.approx(float(per_set[-1][k]), rel=1e-6)
+    # each set alone gives its own losses: the level-set pass batched over the sets keeps them apart
+    for s in range(SETS):
+        alone = QueryOutputs(out.class_logits[s:s + 1], out.mask_logits[s:s + 1], out.anchor, STRIDE,
+                             out.level_set_feats)
+        only = sup.losses(alone, _inputs(), 0)
+        for k in KEYS:
+            assert float(only[k]) == pytest.approx(float(per_set[s][k]), rel=1e-5)
 
 
 def test_low_precision_inputs_give_float32_losses():

@@ -546,9 +546,8 @@ class Box2MaskTSupervision(_SetSupervision):
             per_inst = per_inst + cfg.deep_weight * chan_vese_energy(probs, deep, box)
         loss = per_inst.new_zeros(len(matched)).index_add(0, set_of, per_inst) / sizes.to(per_inst.dtype)
         if cfg.lcm_weight > 0:
-            p = probs_work.to(compute_dtype(probs_work))
-            num, den = _lcm_sums(ctx["img_work"].to(p.dtype)[rows], p, _resize(box[:, None], work), cfg.lcm_dilation,
-                                 cfg.lcm_iterations, cfg.lcm_alpha,
+            num, den = _lcm_sums(ctx["img_work"].to(probs_work.dtype)[rows], probs_work, _resize(box[:, None], work),
+                                 cfg.lcm_dilation, cfg.lcm_iterations, cfg.lcm_alpha,
                                  ctx["lcm_affinity"][rows] if "lcm_affinity" in ctx else None)
             num = num.new_zeros(len(matched)).index_add(0, set_of, num)
             den = den.new_zeros(len(matched)).index_add(0, set_of, den)

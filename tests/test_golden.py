@@ -4,9 +4,9 @@ For one fixed batch of the bundled sample (its first two train images at 160-320
 training-mode loss dict of BoxInst, CondInst (full masks), mixed (masks for some instances, boxes for the
 others), BoxLevelSet on both networks (SOLOv2 and CondInst), SIM (one step that fills its copy-paste
 bank, then one step that pastes from the full bank), Box2Mask-T and its mask-supervised Mask2Former (a small
-Mask2Former; added with issue 14, the other entries unchanged) must equal the stored values to 1e-6 relative; and the
-inference of every network (CondInst, SOLOv2, Mask2Former) on two sample images must give the same detections (labels and binary masks
-exactly, boxes and scores to 1e-6 relative). SOLOv2 is recorded twice: with the reference kernel (as
+Mask2Former; added with issue 14, the other entries unchanged) must equal the stored values to 1e-4 relative; and the
+inference of every network (CondInst, SOLOv2, Mask2Former) on two sample images must give the same detections (labels
+exactly, every binary mask at IoU >= 0.99 with its stored mask, scores to 1e-4 relative, boxes to 1 pixel). SOLOv2 is recorded twice: with the reference kernel (as
 before issue 13) and with ``model.solov2.position_prior`` (the short recipes' default since issue 13; those
 entries were added then, the others were left as they were).
 
@@ -16,6 +16,12 @@ of the recipe. The binary masks of the randomly initialised networks sit close t
 relative perturbation of the weights flips 1-3 pixels in about a third of them, so "identical masks" holds
 for a redesign that keeps the inference arithmetic (same ops, same order); the failure message counts the
 differing pixels to tell such a rounding change from a real regression.
+
+Across CPUs the same code does not give the same floats: the values were recorded on an AMD EPYC, and an Intel
+Xeon (other SIMD kernels, other summation order) gives losses up to 1.6e-6 relative apart, scores 8e-7 apart and
+up to 11 flipped pixels in a 5,568-pixel mask. Hence the tolerances: 60x that loss drift, and masks compared by
+IoU, not pixel for pixel. A real change of the arithmetic (a weight, an offset, a normalisation) moves the losses
+by far more than 1e-4 relative and whole mask borders.
 
 Each model is built from its packaged sample recipe (``boxinst_…-sample`` / ``boxlevelset_…-sample``) with
 random initialisation (``model.backbone_weights=none``), so the test needs no weights and is quick.
@@ -53,7 +59,11 @@ from boxmask.engine.module import BoxMaskModule, supervision_inputs
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "golden.json"
 REGEN_ENV = "BOXMASK_REGEN_GOLDEN"
-RTOL = 1e-6
+RTOL = 1e-4
+#: a recorded binary mask and today's must overlap at least this much (rounding flips pixels at the threshold)
+MASK_IOU = 0.99
+#: box coordinates in pixels: boxes from masks move by a pixel when a border pixel flips
+BOX_ATOL = 1.0
 #: absolute floor for values that are exactly 0 (e.g. a loss that is zero by construction)
 ATOL = 1e-9
 
@@ -85,7 +95,8 @@ METHODS = {
     "boxlevelset_condinst": (BOXINST_RECIPE, LEVELSET_ON_CONDINST, False),
     "sim": (BOXINST_RECIPE, SIM, False),
     # added with issue 14 (the entries above were left as they were)
-    "box2mask_t": (BOX2MASK_T_RECIPE, M2F_TINY, False),
+    # the image-term weight as recorded (the reference's 0.05; the Lite0 recipes moved to a larger one later)
+    "box2mask_t": (BOX2MASK_T_RECIPE, M2F_TINY + ["supervision.box2mask_t.img_weight=0.05"], False),
     "mask2former_full": (BOX2MASK_T_RECIPE, M2F_TINY + ["supervision.type=full"], True),
 }
 #: the global step of the recorded losses: inside the BoxInst pairwise warm-up (100 in the recipe), past SIM's
@@ -244,13 +255,15 @@ def test_golden_detections(golden, arch):
         assert a["image_id"] == e["image_id"]
         assert len(e["labels"]) > 0, "the golden file holds real detections"
         assert a["labels"] == e["labels"]
-        # binary masks identical; the message counts the differing pixels of each mask (a few pixels at the
-        # threshold after a float-rounding change look different from a real regression)
+        # binary masks equal up to rounding at the threshold; the message counts the differing pixels of each mask
         got, want = _decode(a["mask_size"], a["mask_rle"]), _decode(e["mask_size"], e["mask_rle"])
         assert got.shape == want.shape, (got.shape, want.shape)
-        diff = [int(d) for d in (got != want).reshape(len(got), -1).sum(1)]
-        assert not any(diff), (f"{arch} image {a['image_id']}: binary masks changed; differing pixels per mask "
-                               f"{diff} of areas {e['mask_areas']}")
+        flat_got, flat_want = got.reshape(len(got), -1), want.reshape(len(want), -1)
+        diff = (flat_got != flat_want).sum(1)
+        union = (flat_got | flat_want).sum(1)
+        iou = np.where(union > 0, 1.0 - diff / np.maximum(union, 1), 1.0)
+        assert (iou >= MASK_IOU).all(), (f"{arch} image {a['image_id']}: binary masks changed; differing pixels per "
+                                         f"mask {diff.tolist()} of areas {e['mask_areas']}")
         assert all(_close(x, y) for x, y in zip(a["scores"], e["scores"])), (a["scores"], e["scores"])
         for ba, be in zip(a["boxes"], e["boxes"]):
-            assert all(math.isclose(x, y, rel_tol=RTOL, abs_tol=1e-4) for x, y in zip(ba, be)), (ba, be)
+            assert all(math.isclose(x, y, rel_tol=RTOL, abs_tol=BOX_ATOL) for x, y in zip(ba, be)), (ba, be)

@@ -21,6 +21,8 @@ import re
 import sys
 from pathlib import Path
 
+from boxmask.io import atomic_write_json
+
 
 def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         link.unlink()
     link.symlink_to(src / "images", target_is_directory=True)
     for name, data in (("train", dev_train), ("val", dev_val)):
-        (out / "annotations" / f"instances_{name}.json").write_text(json.dumps(data))
+        atomic_write_json(out / "annotations" / f"instances_{name}.json", data)
     print(json.dumps({"dev": str(out), "train_images": len(dev_train["images"]), "val_images": len(dev_val["images"]),
                       "val_files": sorted(held_out, key=_natural)}))
     return 0

@@ -21,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+from boxmask.data.coco import subset_images
 from boxmask.io import atomic_write_json
 
 
@@ -30,12 +31,9 @@ def _natural(name: str) -> list:
 
 def split(train: dict, held_out: set[str]) -> tuple[dict, dict]:
     """(dev-train, dev-val) COCO dicts: the images whose ``file_name`` is in ``held_out`` go to dev-val."""
-    parts = []
-    for keep in (lambda f: f not in held_out, lambda f: f in held_out):
-        images = [im for im in train["images"] if keep(im["file_name"])]
-        ids = {im["id"] for im in images}
-        parts.append(dict(train, images=images, annotations=[a for a in train["annotations"] if a["image_id"] in ids]))
-    return parts[0], parts[1]
+    dev_train = subset_images(train, [im for im in train["images"] if im["file_name"] not in held_out])
+    dev_val = subset_images(train, [im for im in train["images"] if im["file_name"] in held_out])
+    return dev_train, dev_val
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,7 @@ from pathlib import Path
 import torch
 
 from boxmask.config import load_config, translate_legacy_config
+from boxmask.data.coco import subset_images
 from boxmask.engine.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,9 +232,7 @@ def subset_by_kind_first(val_json: Path, kinds: dict[str, str], per_kind: int, o
         if taken.get(k, 0) < per_kind:
             taken[k] = taken.get(k, 0) + 1
             keep.append(im)
-    data["images"] = keep
-    ids = {im["id"] for im in keep}
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    data = subset_images(data, keep)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{val_json.stem}_first{per_kind}_per_kind.json"
     path.write_text(json.dumps(data))
@@ -256,11 +255,9 @@ def subset_by_kind(ann_json: Path, kinds: dict[str, str], keep: set[str], out_di
     missing = [im["file_name"] for im in data["images"] if im["file_name"] not in kinds]
     if missing:
         raise SystemExit(f"quality: {len(missing)} images of {ann_json} have no kind (e.g. {missing[0]})")
-    data["images"] = [im for im in data["images"] if kinds[im["file_name"]] in keep]
+    data = subset_images(data, [im for im in data["images"] if kinds[im["file_name"]] in keep])
     if not data["images"]:
         raise SystemExit(f"quality: no image of kind {sorted(keep)} in {ann_json}")
-    ids = {im["id"] for im in data["images"]}
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{ann_json.stem}_{'+'.join(sorted(keep))}.json"
     path.write_text(json.dumps(data))

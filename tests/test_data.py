@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
-from boxmask.data.coco import CocoInstances, DatasetError, read_image_rgb
+from boxmask.data.coco import CocoInstances, DatasetError, read_image_rgb, subset_images
 from boxmask.data.collate import Batch, collate_batch, make_collate
 from boxmask.data.sample import sample_paths
 from boxmask.data.transforms import build_test_transforms, build_train_transforms
@@ -396,6 +396,22 @@ def test_collate_masks_become_bool_and_make_collate_pickles():
 # --------------------------------------------------------------------------------------------
 # bundled sample (+ one real-data check)
 # --------------------------------------------------------------------------------------------
+
+
+def test_subset_images_keeps_only_their_annotations_and_leaves_the_input_alone():
+    data = {
+        "info": {"year": 2026}, "licenses": [], "categories": [{"id": 3, "name": "nut"}],
+        "images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2, 3)],
+        "annotations": [{"id": 10 + k, "image_id": i} for k, i in enumerate((1, 2, 2, 3))],
+    }
+    before = json.dumps(data)
+    sub = subset_images(data, [data["images"][2], data["images"][1]], note="images 3 and 2")
+    assert [im["id"] for im in sub["images"]] == [3, 2]
+    assert [a["id"] for a in sub["annotations"]] == [11, 12, 13]
+    assert sub["categories"] == data["categories"] and sub["licenses"] == []
+    assert sub["info"] == {"year": 2026, "subset": "images 3 and 2"}
+    assert json.dumps(data) == before
+    assert subset_images(data, [])["annotations"] == [] and "subset" not in subset_images(data, [])["info"]
 
 
 def test_bundled_sample_loads_with_expected_counts():

@@ -26,7 +26,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
-__all__ = ["DatasetError", "read_image_rgb", "CocoInstances"]
+__all__ = ["DatasetError", "read_image_rgb", "subset_images", "CocoInstances"]
 
 # Progress bar for the image check only above this many images (small sets stay quiet).
 _PROGRESS_MIN_IMAGES = 50
@@ -158,6 +158,26 @@ def read_image_rgb(path: str | Path) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # JSON validation helpers
 # --------------------------------------------------------------------------------------------
+
+
+def subset_images(data: dict[str, Any], images: list[dict[str, Any]], note: str | None = None) -> dict[str, Any]:
+    """A COCO instances dict restricted to ``images`` and their annotations.
+
+    Args:
+        data: a COCO instances dict (``images``, ``annotations``, ``categories``; other top-level fields are kept).
+        images: the image records to keep, in the order they should appear (usually a filtered
+            ``data["images"]``).
+        note: when given, stored as ``info["subset"]`` so the file says how it was made.
+
+    Returns:
+        A new dict; ``categories`` and every other field are shared with ``data``, ``annotations`` holds
+        only those whose ``image_id`` is the id of a kept image. ``data`` is not modified.
+    """
+    ids = {img["id"] for img in images}
+    out = dict(data, images=list(images), annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+    if note is not None:
+        out["info"] = dict(data.get("info") or {}, subset=note)
+    return out
 
 
 def _load_json(path: Path) -> Any:

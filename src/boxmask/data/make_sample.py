@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from boxmask.data.coco import subset_images
+
 SIZES = {(256, 256), (320, 256)}  # (width, height)
 MIN_INSTANCES, MAX_INSTANCES = 5, 60
 STAINED_MEDIAN_GREY = 100
@@ -62,20 +64,6 @@ def select(data: dict[str, Any], image_dir: Path, n_stained: int, n_fluo: int) -
     return sorted(chosen, key=lambda r: r["id"])
 
 
-def subset(data: dict[str, Any], images: list[dict[str, Any]], note: str) -> dict[str, Any]:
-    """COCO dict restricted to ``images`` (all other fields kept, ``info.subset`` added)."""
-    ids = {img["id"] for img in images}
-    info = dict(data.get("info", {}))
-    info["subset"] = note
-    return {
-        "info": info,
-        "licenses": data.get("licenses", []),
-        "categories": data["categories"],
-        "images": images,
-        "annotations": [a for a in data["annotations"] if a["image_id"] in ids],
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see module docstring)."""
     default_out = Path(__file__).resolve().parent / "sample" / "dsb2018"
@@ -101,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({n_st} stained + {n_fl} fluorescent; 256x256 or 320x256; {MIN_INSTANCES}-{MAX_INSTANCES} nuclei), "
             f"made by boxmask.data.make_sample"
         )
-        sub = subset(data, images, note)
+        sub = subset_images(data, images, note)
         for img in images:
             shutil.copyfile(src / "images" / img["file_name"], out / "images" / img["file_name"])
         with open(out / "annotations" / f"instances_{split}.json", "w", encoding="utf-8") as fh:

@@ -85,14 +85,11 @@ def test_ddp_two_cpu_processes(tmp_path):
 def test_real_data_training_mask_ap_beats_boxfill(tmp_path):
     """A short CPU run (200 steps) on the bundled real DSB2018 nuclei: the mask head must add over filled boxes.
     Shorter runs are fragile at 2 threads (not run-to-run deterministic): 150 steps gave 20.5 vs 15.4 once and
-    failed in a later CI run; 135 steps 14.2 vs 14.1; 120 steps 13.0 vs 9.6. Training sizes 320/384 (the demo
-    recipe adds 448) keep the suite short: 22.3 vs 17.6 (292 s) and 21.6 vs 16.0 (310 s) on the 2-core Xeon, where
-    the recipe's sizes took 419 s. Native 256 px fails (9.0 vs 11.7: nuclei too small at stride 4); freezing the
-    backbone to stride 8 (``model.freeze_at=3``) leaves too small a margin (21.6 vs 19.3)."""
+    failed in a later CI run; 135 steps 14.2 vs 14.1; 120 steps 13.0 vs 9.6."""
     torch.set_num_threads(2)
     cfg = load_config("boxinst_effnet-lite0_fpn_dsb2018-sample",
                       [f"trainer.output_dir={tmp_path}", "trainer.progress_bar=false", "solver.max_iters=200",
-                       "solver.steps=[160]", "data.min_sizes=[320,384]", "data.num_workers=0"])
+                       "solver.steps=[160]", "data.num_workers=0"])
     summary = train(cfg)
     m = summary["metrics"]
     segm, boxfill, bbox = m["model"]["segm"]["AP"], m["boxfill"]["segm"]["AP"], m["model"]["bbox"]["AP"]

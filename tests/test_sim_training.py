@@ -222,12 +222,18 @@ def _sync_worker(rank: int, world: int, init_file: str, queue) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    sup = SIMSupervision(SupervisionConfig(type="sim"), num_classes=2, mask_channels=4)
-    sup.prototypes.copy_(F.normalize(torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(rank)), dim=2))
-    sup._sync_prototypes()
-    queue.put((rank, sup.prototypes.clone()))
-    dist.destroy_process_group()
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        sup = SIMSupervision(SupervisionConfig(type="sim"), num_classes=2, mask_channels=4)
+        sup.prototypes.copy_(F.normalize(torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(rank)), dim=2))
+        sup._sync_prototypes()
+        # a numpy copy is pickled by value: a torch tensor would travel as a shared-memory handle that the
+        # parent can only open while this process is alive, a race under load
+        queue.put((rank, sup.prototypes.numpy().copy()))
+        dist.destroy_process_group()
+    except BaseException as exc:  # report instead of leaving the parent to time out on the queue
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+        raise
 
 
 def test_prototypes_all_reduce_average_under_ddp(tmp_path):
@@ -239,7 +245,10 @@ def test_prototypes_all_reduce_average_under_ddp(tmp_path):
     out = dict(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-        assert p.exitcode == 0
+    errors = {r: v for r, v in out.items() if isinstance(v, str)}
+    assert not errors, errors
+    assert [p.exitcode for p in procs] == [0, 0]
+    out = {r: torch.from_numpy(v) for r, v in out.items()}
     mean = sum(F.normalize(torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(r)), dim=2) for r in range(2)) / 2
     assert torch.allclose(out[0], out[1]) and torch.allclose(out[0], F.normalize(mean, dim=2), atol=1e-6)
 

@@ -34,6 +34,42 @@ def test_box_supervision_never_reads_gt_masks(tmp_path, garbage_masks):
     assert losses[0]["loss_proj"] > 0 and losses[0]["loss_pairwise"] > 0
 
 
+@pytest.mark.parametrize("recipe", ["boxinst_effnet-lite0_fpn_dsb2018-sample", "box2mask_t_effnet-lite0_dsb2018-sample"])
+def test_channels_last_changes_only_rounding(tmp_path, recipe):
+    """trainer.channels_last puts every 4-D weight (and so every convolution output) in NHWC; the losses and
+    their gradients equal the NCHW network's up to float rounding."""
+    torch.set_num_threads(1)
+    batch = sample_batch(load_masks=False)
+    out = {}
+    for cl in (False, True):
+        cfg = load_config(recipe, TINY + [f"trainer.output_dir={tmp_path}", f"trainer.channels_last={cl}",
+                                          "model.backbone_weights=none"])
+        torch.manual_seed(0)
+        module = BoxMaskModule(cfg.to_dict(), ["nucleus"], [1])
+        module.model.eval()
+        convs = [m.weight for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        # NHWC: the channel dimension has stride 1 (ambiguous for 1x1 kernels and one input channel, left out)
+        assert convs and all((w.stride(1) == 1) == cl for w in convs if w.shape[1] > 1 and w.shape[2:] != (1, 1))
+        losses = module.compute_losses(supervision_inputs(batch, False), 5)
+        sum(losses.values()).backward()
+        out[cl] = ({k: v.item() for k, v in losses.items()},
+                   {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None})
+    (l0, g0), (l1, g1) = out[False], out[True]
+    assert l0.keys() == l1.keys() and all(l1[k] == pytest.approx(l0[k], rel=1e-4, abs=1e-6) for k in l0)
+    assert g0.keys() == g1.keys()
+    # biases feeding a GroupNorm get ~0 gradient (the norm removes them): only rounding noise there
+    scale = max(g.abs().max().item() for g in g0.values())
+    worst = 0.0
+    for n in g0:
+        big = g0[n].abs().max().item()
+        if big > 1e-6 * scale:
+            # summation order differs through the layers, and the deformable-attention offsets' gradients go
+            # through bilinear sampling positions
+            worst = max(worst, (g0[n] - g1[n]).abs().max().item() / big)
+    print(f"worst relative gradient difference {worst:.2e}")
+    assert worst <= 1e-2
+
+
 def _params(ckpt_path):
     sd = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     return sd, {k: v for k, v in sd["state_dict"].items()}

@@ -13,7 +13,7 @@ from ..config import Config, load_config, translate_legacy_config
 from ..data.coco import CocoInstances, read_image_rgb
 from ..data.collate import collate_batch, make_collate
 from ..data.transforms import build_test_transforms
-from ..modeling import build_model
+from ..modeling import build_model, to_memory_format
 from .evaluator import boxes_to_masks, detections_to_coco, evaluate_coco
 
 
@@ -46,7 +46,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     Returns ``(model in eval mode on device, config, meta)`` where meta has ``class_names``,
     ``cat_ids`` and ``global_step``. The backbone is built without pretrained weights (the checkpoint
-    holds them). Raises :class:`CheckpointError` naming the file.
+    holds them). The weights take the memory format the model trained in (``trainer.channels_last``), so
+    its outputs equal the training module's bit for bit. Raises :class:`CheckpointError` naming the file.
     """
     ckpt = read_checkpoint(path)
     hp = ckpt["hyper_parameters"]
@@ -56,6 +57,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     model.to(device).eval()
+    to_memory_format(model, cfg.trainer.channels_last)
     meta = {"class_names": list(hp["class_names"]), "cat_ids": list(hp["cat_ids"]),
             "global_step": int(ckpt.get("global_step", 0))}
     return model, cfg, meta

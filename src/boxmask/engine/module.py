@@ -19,7 +19,7 @@ from ..config import Config, SolverConfig, load_config
 from ..data.collate import Batch
 from ..io import atomic_torch_save
 from ..methods import method_class
-from ..modeling import build_model
+from ..modeling import build_model, to_memory_format
 from ..structures import SupervisionInputs
 
 
@@ -108,6 +108,7 @@ class BoxMaskModule(L.LightningModule):
                 warnings.warn(f"{self.cfg.model.init_checkpoint}: {len(report['missing'])} tensors not in the "
                               f"checkpoint, {len(report['skipped'])} of another shape (kept as initialised): "
                               f"{(report['missing'] + report['skipped'])[:6]}", stacklevel=2)
+        to_memory_format(self.model, self.cfg.trainer.channels_last)
         # built after the network: the random initialisation order (network, then e.g. SIM's prototypes) is fixed
         self.method = method_cls(self.cfg, len(class_names))
         self.supervision = self.method.supervision

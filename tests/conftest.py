@@ -17,6 +17,14 @@ from helpers import SIM_RUN, TINY, with_garbage_masks
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The files that hold the slow real-data trainings run first (each file's own order kept): under the README's
+    ``-n 2 --dist loadfile --no-loadscope-reorder`` each starts at once on its own worker while the other
+    worker takes the short tests, instead of one starting last and setting the suite's length alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @contextlib.contextmanager
 def _threads(n: int):
     before = torch.get_num_threads()

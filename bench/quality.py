@@ -264,10 +264,17 @@ def subset_by_kind(ann_json: Path, kinds: dict[str, str], keep: set[str], out_di
     return path
 
 
+#: inference-only keys of the model section: a reused training whose record differs only in these is evaluated
+#: again with the new values (``ensure_metrics``), not trained again
+INFERENCE_KEYS = ("mask_largest_component",)
+
+
 def _comparable(cfg_dict: dict) -> dict:
     d = json.loads(json.dumps(cfg_dict))
     for key in ("eval_after_train", "progress_bar"):
         d["trainer"].pop(key, None)
+    for key in INFERENCE_KEYS:
+        d["model"].pop(key, None)
     return d
 
 
@@ -283,9 +290,14 @@ def train_or_reuse(cfg, reuse: bool) -> dict:
         rec = json.loads(record_path.read_text())
         # through load_config: fields added since the record was written take their defaults; records from
         # before the method-seam redesign are translated as old checkpoints are
-        if (_comparable(load_config(translate_legacy_config(rec["config"])).to_dict()) == _comparable(cfg.to_dict()) and Path(rec["checkpoint"]).is_file()
+        old = load_config(translate_legacy_config(rec["config"])).to_dict()
+        if (_comparable(old) == _comparable(cfg.to_dict()) and Path(rec["checkpoint"]).is_file()
                 and rec["global_step"] == cfg.solver.max_iters):
             print(f"reusing {out} ({rec['global_step']} steps)")
+            changed = {k: getattr(cfg.model, k) for k in INFERENCE_KEYS if old["model"][k] != getattr(cfg.model, k)}
+            if changed:
+                print(f"  inference settings changed ({changed}): evaluating its checkpoint again")
+                return dict(rec, config=cfg.to_dict(), metrics=None, record_path=str(record_path), reused=True)
             return dict(rec, reused=True)
         print(f"{record_path}: different config or unfinished; training again")
     t0 = time.time()
@@ -297,17 +309,24 @@ def train_or_reuse(cfg, reuse: bool) -> dict:
 
 
 def ensure_metrics(rec: dict, cfg, device: torch.device) -> dict:
-    """Val metrics of a training record, evaluating its checkpoint when the training did not."""
+    """Val metrics of a training record, evaluating its checkpoint (with ``cfg``'s inference settings, results
+    into ``output_dir/eval``) when the training did not or when they changed; the record is then rewritten."""
     if rec.get("metrics") is None:
         from boxmask.engine.inference import evaluate_model, load_checkpoint
         from boxmask.engine.train import resolve_data_paths
+        from boxmask.io import atomic_write_json
 
         model, mcfg, meta = load_checkpoint(rec["checkpoint"], device)
+        model.cfg = mcfg.model = cfg.model  # equal to the checkpoint's but for INFERENCE_KEYS (train_or_reuse)
         paths = resolve_data_paths(cfg)
         t0 = time.time()
         rec["metrics"] = evaluate_model(model, mcfg, meta["cat_ids"], paths["val_json"], paths["val_images"],
-                                        device=device, max_dets=cfg.trainer.eval_max_dets, progress=False)
+                                        device=device, max_dets=cfg.trainer.eval_max_dets, progress=False,
+                                        output_dir=Path(cfg.trainer.output_dir) / "eval")
         rec["wall_s"] = rec["wall_s"] + time.time() - t0
+        if rec.get("record_path"):
+            atomic_write_json(rec["record_path"], {k: rec[k] for k in ("config", "wall_s", "train_s", "global_step",
+                                                                       "checkpoint", "metrics")}, indent=1)
     return rec["metrics"]
 
 

@@ -47,6 +47,15 @@ def test_nested_values_reach_their_section():
         load_config("boxinst_effnet-lite0_fpn_dsb2018-sample", ["supervision.sim.bogus=1"])
 
 
+def test_mask_largest_component_is_checked():
+    assert load_config("box2mask_t_effnet-lite0_nuts").model.mask_largest_component is True
+    assert load_config("box2mask_t_R_50_50e").model.mask_largest_component is False  # the paper's post-processing
+    with pytest.raises(ConfigError, match="mask2former only, not 'condinst'"):
+        load_config("boxinst_effnet-lite0_fpn_dsb2018-sample", ["model.mask_largest_component=true"])
+    with pytest.raises(ConfigError, match="mask_largest_component: expected true/false, got 3"):
+        load_config("box2mask_t_effnet-lite0_nuts", ["model.mask_largest_component=3"])
+
+
 def test_the_removed_method_key_is_an_error(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("method: boxinst\ndata:\n  builtin: sample\n")

@@ -215,3 +215,48 @@ def test_predict_scores_follow_the_mask2former_rule():
     # a threshold drops low scores
     model.cfg = dataclasses.replace(model.cfg, score_threshold=float(preds[0].scores[3]) + 1e-6)
     assert len(model.predict(imgs, [(HP, WP)] * B, [(HP, WP)] * B)[0].scores) <= 3
+
+
+def test_largest_component_op():
+    from boxmask.ops import largest_component
+
+    m = torch.zeros(4, 6, 8, dtype=torch.bool)
+    m[0, 0:2, 0:2] = True          # 4 px
+    m[0, 3:6, 4:7] = True          # 9 px: kept
+    m[1, 1, 1] = m[1, 2, 2] = True  # diagonal neighbours: one 8-connected component, unchanged
+    m[2, 2:4, 2:5] = True          # a single component, unchanged; m[3] empty, unchanged
+    out = largest_component(m)
+    assert out.dtype == torch.bool and out.shape == m.shape
+    expected0 = torch.zeros(6, 8, dtype=torch.bool)
+    expected0[3:6, 4:7] = True
+    assert torch.equal(out[0], expected0)
+    assert torch.equal(out[1:], m[1:])
+    assert largest_component(torch.zeros(0, 5, 5, dtype=torch.bool)).shape == (0, 5, 5)
+    with pytest.raises(ValueError, match="bool"):
+        largest_component(m.float())
+
+
+def test_predict_largest_component_drops_the_far_blob(monkeypatch):
+    """One query, two blobs: the flag keeps the larger one; score and box follow the kept mask."""
+    model = tiny_model(max_detections=1, score_threshold=0.0).eval()
+    q, h4, w4 = TINY_M2F.num_queries, HP // 4, WP // 4
+    logits = torch.full((1, q, h4, w4), -10.0)
+    logits[0, 0, 2:6, 2:6] = 4.0     # 16 cells, sigmoid ~0.98
+    logits[0, 0, 10:12, 18:20] = 1.0  # 4 cells, sigmoid ~0.73
+    cls = torch.full((1, q, C + 1), -10.0)
+    cls[0, 0, 1] = 10.0
+    feats = model.features(images()[:1])
+    fake = dataclasses.replace(feats, class_logits=[cls], mask_logits=[logits])
+    monkeypatch.setattr(model, "features", lambda imgs: fake)
+    size = [(HP, WP)]
+    both = model.predict(images()[:1], size, size)[0]
+    model.cfg = dataclasses.replace(model.cfg, mask_largest_component=True)
+    one = model.predict(images()[:1], size, size)[0]
+    assert both.labels.tolist() == one.labels.tolist() == [1]
+    far = both.masks[0, 40:48, 72:80]
+    assert far.any() and not one.masks[0, 40:48, 72:80].any()  # the far blob is gone
+    assert torch.equal(one.masks[0, :32], both.masks[0, :32])  # the large blob is kept as it was
+    ys, xs = torch.nonzero(one.masks[0], as_tuple=True)
+    assert one.boxes[0].tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+    assert both.boxes[0, 2] > one.boxes[0, 2] + 40  # the box of both blobs reaches the far one
+    assert one.scores[0] > both.scores[0]  # the weaker blob no longer lowers the mean probability inside

@@ -73,3 +73,34 @@ def test_group_table_pivots_the_newest_rows_per_method_and_group():
     assert text[2] == "| filled_box | 35.0 / 69.0* | - | 33.0 / 68.0 | - | - |"
     assert text[3] == "| boxinst_annotate | 40.0 / 70.0* | 30.0 / 60.0* | - | 25 % | 0.50 |"
     assert len(text) == 4
+
+
+def test_reuse_evaluates_again_when_only_inference_settings_changed(tmp_path, monkeypatch):
+    from boxmask.config import load_config
+
+    def cfg(*extra):
+        return load_config("box2mask_t_effnet-lite0_nuts", [f"trainer.output_dir={tmp_path}", "solver.max_iters=7",
+                                                            *extra])
+
+    ckpt = tmp_path / "model_final.ckpt"
+    ckpt.write_bytes(b"x")
+    trained = cfg("model.mask_largest_component=false")
+    record = {"config": trained.to_dict(), "wall_s": 10.0, "train_s": 9.0, "global_step": 7, "checkpoint": str(ckpt),
+              "metrics": {"model": {"segm": {"AP": 1.0}}}}
+    (tmp_path / "bench_train.json").write_text(json.dumps(record))
+    class TrainedAgain(Exception):
+        pass
+
+    def train(c):
+        raise TrainedAgain
+
+    monkeypatch.setattr(quality, "train", train)
+
+    same = quality.train_or_reuse(cfg("model.mask_largest_component=false"), reuse=True)
+    assert same["reused"] and same["metrics"] == record["metrics"]
+    changed = quality.train_or_reuse(cfg(), reuse=True)  # the recipe's True
+    assert changed["reused"] and changed["metrics"] is None  # ensure_metrics evaluates it again
+    assert changed["config"]["model"]["mask_largest_component"] is True
+    assert changed["record_path"] == str(tmp_path / "bench_train.json")
+    with pytest.raises(TrainedAgain):  # a training setting changed: trained again
+        quality.train_or_reuse(cfg("solver.base_lr=0.001"), reuse=True)

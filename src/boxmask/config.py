@@ -212,6 +212,10 @@ class ModelConfig:
     nms_threshold: float = 0.6
     max_detections: int = 100
     mask_threshold: float = 0.5
+    #: inference: cut each predicted mask to its largest 8-connected component before its score and box are
+    #: taken (``arch: mask2former`` only; False = the reference's post-processing). The Lite0 Box2Mask-T
+    #: recipes set True, chosen on a nuts dev split of train images (README)
+    mask_largest_component: bool = False
     #: channels of the level-set feature head F_ls (BoxLevelSet: 5; 0 = no head). Required by
     #: ``supervision.type=levelset``; a conv3x3 on the mask-branch output, upsampled to stride 4
     level_set_channels: int = 0
@@ -627,6 +631,9 @@ def validate_config(cfg: Config) -> None:
         cfg.model.solov2.validate()
     if cfg.model.arch == "mask2former":
         cfg.model.mask2former.validate()
+    if cfg.model.mask_largest_component and cfg.model.arch != "mask2former":
+        raise ConfigError(f"model.mask_largest_component is implemented for model.arch mask2former only, "
+                          f"not {cfg.model.arch!r}")
     if cfg.solver.optimizer not in ("sgd", "adamw"):
         raise ConfigError(f"solver.optimizer must be 'sgd' or 'adamw', got {cfg.solver.optimizer!r}")
     if not cfg.solver.backbone_lr_factor >= 0:

@@ -6,6 +6,7 @@ function is pure and documents its shapes, dtypes and units.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -125,6 +126,30 @@ def projection_terms(mask_logits: Tensor, box_masks: Tensor) -> Tensor:
     loss_x = row_dice_loss(probs.amax(dim=1), target.amax(dim=1))  # projection onto the x axis
     loss_y = row_dice_loss(probs.amax(dim=2), target.amax(dim=2))  # projection onto the y axis
     return loss_x + loss_y
+
+
+def largest_component(masks: Tensor) -> Tensor:
+    """Each bool mask ``[N, H, W]`` cut to its largest 8-connected component (ties: the first in OpenCV's
+    raster-scan labelling). Same shape, dtype and device; empty and single-component masks are unchanged.
+
+    Labelling is OpenCV's ``connectedComponentsWithStats`` on the CPU (the masks are copied there and back).
+    Used by Mask2Former inference (``model.mask2former.largest_component``), where an undertrained query's
+    mask also fires on other objects far from its own.
+
+    Raises:
+        ValueError: ``masks`` is not a 3-D bool tensor.
+    """
+    import cv2
+
+    if masks.dim() != 3 or masks.dtype != torch.bool:
+        raise ValueError(f"masks must be bool [N, H, W], got {masks.dtype} {tuple(masks.shape)}")
+    cpu = masks.cpu().numpy()
+    out = cpu.copy()
+    for i, m in enumerate(cpu):
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m.view(np.uint8), connectivity=8)
+        if n > 2:  # background + more than one component
+            out[i] = labels == 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax())
+    return torch.from_numpy(out).to(masks.device)
 
 
 def tight_boxes(masks: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from ..config import Mask2FormerConfig, ModelConfig
-from ..ops import tight_boxes
+from ..ops import largest_component, tight_boxes
 from ..structures import BoxConditionedMasks, InstancePredictions, QueryOutputs
 from .backbones import build_backbone
 from .box_conditioned import best_fitting_candidates, check_box_conditioned_args
@@ -414,8 +414,9 @@ class Mask2Former(nn.Module):
         Per image: class probabilities = softmax over ``C+1``, no-object dropped; the top
         ``k = min(cfg.max_detections, Q*C)`` (query, class) pairs; their mask logits upsampled ×4 (bilinear) to
         the padded size, cropped to ``image_sizes[b]``, resized (bilinear) to ``orig_sizes[b]``; mask = logit
-        > 0; score = class probability × mean ``sigmoid(logit)`` inside the mask (0 for an empty mask);
-        detections with score < ``cfg.score_threshold`` are dropped (pairs whose class probability is already
+        > 0, with ``cfg.mask_largest_component`` cut to its largest 8-connected component
+        (:func:`boxmask.ops.largest_component`; not in the reference); score = class probability × mean
+        ``sigmoid(logit)`` inside the mask (0 for an empty mask); detections with score < ``cfg.score_threshold`` are dropped (pairs whose class probability is already
         below it are never upsampled); sorted by score. Boxes are the tight boxes of the masks
         (:func:`boxmask.ops.tight_boxes`: ``x2`` = last column + 1, pixels; zeros for an empty mask).
         The caller puts the model in eval mode.
@@ -446,6 +447,8 @@ class Mask2Former(nn.Module):
                                    align_corners=False)[:, :, :h, :w]
                 up = F.interpolate(up, size=(oh, ow), mode="bilinear", align_corners=False)[:, 0]
                 binary = up > 0
+                if getattr(self.cfg, "mask_largest_component", False):
+                    binary = largest_component(binary)
                 inside = (up.sigmoid() * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
                 bins.append(binary)
                 scores.append(top[sel] * inside)

@@ -681,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
             row["ratio_over_solov2_full"] = _ratio(segm["AP"], e2e["solov2_full"]["model"]["segm"]["AP"])
         if method == "box2mask_t" and "mask2former_full" in e2e:  # same network, real masks
             row["ratio_box_over_mask"] = _ratio(segm["AP"], e2e["mask2former_full"]["model"]["segm"]["AP"])
+        if kind in QUERY_MODELS:
+            row["mask_largest_component"] = cfgs[kind].model.mask_largest_component
         row.update(group="all", shift=_shifted(args.train_kinds, set(kinds.get(im["file_name"]) for im in val_data["images"])))
         rows.append(row)
         rows += end_to_end_kind_rows(row, out / kind / "eval", val_json, val_data, kinds, args.train_kinds,

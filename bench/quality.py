@@ -271,7 +271,8 @@ INFERENCE_KEYS = ("mask_largest_component",)
 
 def _comparable(cfg_dict: dict) -> dict:
     d = json.loads(json.dumps(cfg_dict))
-    for key in ("eval_after_train", "progress_bar"):
+    # output_dir is where the record was found: spelled relative or absolute, it names the same folder
+    for key in ("eval_after_train", "progress_bar", "output_dir"):
         d["trainer"].pop(key, None)
     for key in INFERENCE_KEYS:
         d["model"].pop(key, None)

@@ -276,6 +276,9 @@ def _comparable(cfg_dict: dict) -> dict:
         d["trainer"].pop(key, None)
     for key in INFERENCE_KEYS:
         d["model"].pop(key, None)
+    for key in ("train_json", "train_images", "val_json", "val_images"):  # relative to the working directory
+        if d["data"].get(key):
+            d["data"][key] = str(Path(d["data"][key]).resolve())
     return d
 
 

@@ -133,8 +133,8 @@ def largest_component(masks: Tensor) -> Tensor:
     raster-scan labelling). Same shape, dtype and device; empty and single-component masks are unchanged.
 
     Labelling is OpenCV's ``connectedComponentsWithStats`` on the CPU (the masks are copied there and back).
-    Used by Mask2Former inference (``model.mask2former.largest_component``), where an undertrained query's
-    mask also fires on other objects far from its own.
+    Used by Mask2Former inference (``model.mask_largest_component``), where an undertrained query's
+    mask often has parts far from its object.
 
     Raises:
         ValueError: ``masks`` is not a 3-D bool tensor.

@@ -7,7 +7,7 @@ from importlib import metadata
 import pytest
 import yaml
 
-from boxmask.cli import build_parser, main
+from boxmask.cli import build_parser, main, parse_cli
 from boxmask.config import load_config, packaged_config_names, resolve_config_path
 from boxmask.recipes import recipe_description, recipe_info
 
@@ -89,6 +89,16 @@ def test_old_option_spellings_still_parse():
     assert args.output == "o" and args.max_dets == 7
     args = build_parser().parse_args(["-v", "predict", "x.ckpt", "a.png", "--output", "p"])
     assert args.output == "p" and args.verbose == 1
+
+
+def test_overrides_may_follow_an_option(capsys):
+    args = parse_cli(build_parser(), ["train", "r.yaml", "a.b=1", "-o", "out", "c.d=2", "e.f=[3]"])
+    assert args.output == "out" and args.overrides == ["a.b=1", "c.d=2", "e.f=[3]"]
+    args = parse_cli(build_parser(), ["eval", "x.ckpt", "--max-dets", "7", "model.mask_largest_component=true"])
+    assert args.max_dets == 7 and args.overrides == ["model.mask_largest_component=true"]
+    with pytest.raises(SystemExit):  # not an override: still an error
+        parse_cli(build_parser(), ["train", "r.yaml", "-o", "out", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):

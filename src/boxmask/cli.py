@@ -684,12 +684,25 @@ def _user_errors() -> tuple[type[Exception], ...]:
             UsageError)
 
 
+def parse_cli(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, but KEY=VALUE overrides may also follow an option (``boxmask train RECIPE -o DIR
+    a.b=1``): argparse ends a ``nargs="*"`` positional at the first option and would reject the rest. Any other
+    leftover argument is the usual argparse error (exit 2)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``boxmask`` console script."""
     from .console import quiet_third_party
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_cli(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

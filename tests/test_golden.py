@@ -108,7 +108,9 @@ PREDICT = {
     "condinst": (BOXINST_RECIPE, ["model.score_threshold=0.0", "model.max_detections=20"]),
     "solov2": (BOXLEVELSET_RECIPE, SOLO_PREDICT + ["model.solov2.position_prior=false"]),
     "solov2_prior": (BOXLEVELSET_RECIPE, SOLO_PREDICT + ["model.solov2.position_prior=true"]),
-    "mask2former": (BOX2MASK_T_RECIPE, M2F_TINY + ["model.score_threshold=0.0", "model.max_detections=8"]),
+    # recorded with the reference's post-processing (all components), before the recipes' largest-component rule
+    "mask2former": (BOX2MASK_T_RECIPE, M2F_TINY + ["model.score_threshold=0.0", "model.max_detections=8",
+                                                   "model.mask_largest_component=false"]),
 }
 
 

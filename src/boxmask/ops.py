@@ -134,7 +134,7 @@ def largest_component(masks: Tensor) -> Tensor:
 
     Labelling is OpenCV's ``connectedComponentsWithStats`` on the CPU (the masks are copied there and back).
     Used by Mask2Former inference (``model.mask_largest_component``), where an undertrained query's
-    mask often has parts far from its object.
+    mask often covers parts of other objects.
 
     Raises:
         ValueError: ``masks`` is not a 3-D bool tensor.

@@ -416,8 +416,9 @@ class Mask2Former(nn.Module):
         the padded size, cropped to ``image_sizes[b]``, resized (bilinear) to ``orig_sizes[b]``; mask = logit
         > 0, with ``cfg.mask_largest_component`` cut to its largest 8-connected component
         (:func:`boxmask.ops.largest_component`; not in the reference); score = class probability × mean
-        ``sigmoid(logit)`` inside the mask (0 for an empty mask); detections with score < ``cfg.score_threshold`` are dropped (pairs whose class probability is already
-        below it are never upsampled); sorted by score. Boxes are the tight boxes of the masks
+        ``sigmoid(logit)`` inside the mask (0 for an empty mask); detections with score <
+        ``cfg.score_threshold`` are dropped (pairs whose class probability is already below it are never
+        upsampled); sorted by score. Boxes are the tight boxes of the masks
         (:func:`boxmask.ops.tight_boxes`: ``x2`` = last column + 1, pixels; zeros for an empty mask).
         The caller puts the model in eval mode.
 

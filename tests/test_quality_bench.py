@@ -88,6 +88,7 @@ def test_reuse_evaluates_again_when_only_inference_settings_changed(tmp_path, mo
     record = {"config": trained.to_dict(), "wall_s": 10.0, "train_s": 9.0, "global_step": 7, "checkpoint": str(ckpt),
               "metrics": {"model": {"segm": {"AP": 1.0}}}}
     (tmp_path / "bench_train.json").write_text(json.dumps(record))
+
     class TrainedAgain(Exception):
         pass
 
@@ -104,3 +105,12 @@ def test_reuse_evaluates_again_when_only_inference_settings_changed(tmp_path, mo
     assert changed["record_path"] == str(tmp_path / "bench_train.json")
     with pytest.raises(TrainedAgain):  # a training setting changed: trained again
         quality.train_or_reuse(cfg("solver.base_lr=0.001"), reuse=True)
+
+    # the same folder and files spelled absolute in the record and relative to the working directory: reused
+    monkeypatch.chdir(tmp_path.parent)
+    keys = ("train_json", "train_images", "val_json", "val_images")
+    record["config"] = cfg(*[f"data.{k}=d/{k}" for k in keys]).to_dict()  # output_dir absolute
+    (tmp_path / "bench_train.json").write_text(json.dumps(record))
+    spelled = load_config("box2mask_t_effnet-lite0_nuts", [f"trainer.output_dir={tmp_path.name}", "solver.max_iters=7"]
+                          + [f"data.{k}={tmp_path.parent / 'd' / k}" for k in keys])
+    assert quality.train_or_reuse(spelled, reuse=True)["metrics"] == record["metrics"]
